@@ -48,6 +48,7 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     if name in TRAINER_SUBCOMMANDS:
         from lit_star.training import run_trainer_cli
 
-        run_trainer_cli([name, *rest])
+        # LightningCLI warns when given args while sys.argv also holds some; let it read sys.argv then.
+        run_trainer_cli(None if from_command_line else [name, *rest])
         return 0
     if name not in JOB_SUBCOMMANDS:
         print(f"lit_star: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)

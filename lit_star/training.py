@@ -1,0 +1,112 @@
+"""LightningCLI front end shared by every stage.
+
+    python -m lit_star fit --config recipes/shapes/stage1_vq.yaml
+    python -m lit_star fit --config recipes/stage2_stacked_ar/star_3b.yaml --config recipes/trainer/fsdp.yaml
+    python -m lit_star fit --config recipes/shapes/stage1_vq.yaml --ckpt_path last      # resume
+
+What every run gets without asking:
+
+* one run directory (``trainer.default_root_dir``) holding ``tensorboard/`` and ``checkpoints/``;
+* a ``last.ckpt`` plus periodic ``step########.ckpt`` files (``--checkpoint.every_n_train_steps``),
+  each written atomically (temporary file, fsync, rename) so a kill during a save leaves the
+  previous ``last`` intact;
+* ``seed_everything(seed, workers=True)`` before any class is built (``--seed_everything``);
+* ``${...}`` interpolation resolved after every ``--config`` file and command-line override merged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import set_parsing_settings
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+import torch
+
+DEFAULT_RUN_DIR = "runs/default"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes ``path`` via a sibling temporary file and ``os.replace``.
+
+    A crash or kill mid-save leaves at most a stray ``*.tmp`` file; the checkpoint that ``path``
+    named before (typically ``last.ckpt``) stays loadable.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+class StarCLI(LightningCLI):
+    """LightningCLI with lit_star's run-directory, checkpoint and interpolation defaults."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        # Paths inside recipes stay relative to the working directory, not to the YAML file.
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+", "default_env": False})
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(
+            model_class=LightningModule,
+            datamodule_class=LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "trainer.default_root_dir": DEFAULT_RUN_DIR,
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": -1,
+                "checkpoint.every_n_train_steps": 1000,
+                "checkpoint.filename": "step{step:08d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.link_arguments(
+            "trainer.default_root_dir",
+            "checkpoint.dirpath",
+            compute_fn=lambda root: os.path.join(root or DEFAULT_RUN_DIR, "checkpoints"),
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("logger") in (None, True):
+            root = trainer_config.get("default_root_dir") or DEFAULT_RUN_DIR
+            # A fixed version keeps a resumed run's curves in the same TensorBoard folder.
+            kwargs["logger"] = TensorBoardLogger(save_dir=root, name="tensorboard", version="")
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+
+def run_trainer_cli(argv: list[str] | None) -> StarCLI:
+    """Run ``fit``/``validate``/``test``/``predict`` with ``argv`` (subcommand first; None reads sys.argv)."""
+    return StarCLI(args=argv)
