@@ -8,3 +8,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _bare_sys_argv(monkeypatch):
+    """LightningCLI(args=...) warns when pytest's own argv is present; tests pass args explicitly."""
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])
