@@ -1,0 +1,86 @@
+"""Run a multi-stage curriculum (the Shapes world end to end) with resumable steps.
+
+    python -m lit_star curriculum recipes/shapes/curriculum.yaml
+    python -m lit_star curriculum recipes/shapes/curriculum.yaml recipes/shapes/curriculum_smoke.yaml --run-dir /tmp/cur
+
+A curriculum YAML has a ``run_dir`` and an ordered mapping ``steps``. Each step is one
+``python -m lit_star ...`` invocation (``argv`` + ``extra_args``) and an ``output`` path that
+exists once the step has finished; a step whose output exists is skipped, so rerunning the same
+command resumes after the last finished step. Several YAML files merge in order (OmegaConf), and
+``${run_dir}``-style interpolations resolve after merging. Each step runs in its own process so
+memory and thread settings start fresh. Wall times go to ``<run_dir>/timings.json`` and the final
+step can write the report from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def load_curriculum(paths: list[str], run_dir: str | None = None) -> DictConfig:
+    configs = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"curriculum file not found: {path}")
+        configs.append(OmegaConf.load(path))
+    config = OmegaConf.merge(*configs)
+    if run_dir is not None:
+        config.run_dir = run_dir
+    for key in ("run_dir", "steps"):
+        if key not in config:
+            raise KeyError(f"curriculum config lacks the top-level key {key!r} (files: {paths})")
+    for name, step in config.steps.items():
+        for key in ("argv", "output"):
+            if key not in step:
+                raise KeyError(f"curriculum step {name!r} lacks {key!r}")
+    OmegaConf.resolve(config)
+    return config
+
+
+def run_curriculum(config: DictConfig, only: list[str] | None = None, log=print) -> dict[str, dict]:
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timings_path = run_dir / "timings.json"
+    timings: dict[str, dict] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("OMP_NUM_THREADS", str(config.get("threads", os.cpu_count() or 1)))
+    for name, step in config.steps.items():
+        if only and name not in only:
+            continue
+        output = Path(step.output)
+        if output.exists():
+            log(f"[curriculum] {name}: done already ({output}), skipping")
+            continue
+        argv = [str(a) for a in [*step.argv, *step.get("extra_args", [])]]
+        log(f"[curriculum] {name}: python -m lit_star {' '.join(argv)}")
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, "-m", "lit_star", *argv], env=env)
+        seconds = time.perf_counter() - start
+        if result.returncode != 0:
+            raise RuntimeError(f"curriculum step {name!r} failed with exit code {result.returncode} after {seconds:.0f} s")
+        if not output.exists():
+            raise RuntimeError(f"curriculum step {name!r} finished but did not write its output {output}")
+        timings[name] = {"seconds": round(seconds, 1), "argv": argv}
+        timings_path.write_text(json.dumps(timings, indent=2))
+        log(f"[curriculum] {name}: finished in {seconds:.0f} s")
+    return timings
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lit_star curriculum", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs="+", help="curriculum YAML files, merged in order")
+    parser.add_argument("--run-dir", help="override the run_dir of the YAML")
+    parser.add_argument("--only", nargs="*", help="run only these step names")
+    args = parser.parse_args(argv)
+    config = load_curriculum(args.configs, args.run_dir)
+    run_curriculum(config, args.only)
+    return 0
