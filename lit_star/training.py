@@ -30,6 +30,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 import torch
 
+from lit_star.data.health import DataHealthMonitor
+
 DEFAULT_RUN_DIR = "runs/default"
 
 
@@ -65,6 +67,8 @@ class StarCLI(LightningCLI):
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+", "default_env": False})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        # Every lit_star batch reports skipped samples; the monitor logs them and stops a run that skips too much.
+        kwargs.setdefault("trainer_defaults", {"callbacks": [DataHealthMonitor()]})
         super().__init__(
             model_class=LightningModule,
             datamodule_class=LightningDataModule,

@@ -11,6 +11,7 @@ import yaml
 from lightning.pytorch import Callback
 
 from lit_star.cli import JOB_SUBCOMMANDS, TRAINER_SUBCOMMANDS
+from lit_star.data.health import DataHealthMonitor
 from lit_star.training import AtomicCheckpointIO, StarCLI
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +55,7 @@ def test_run_dir_gets_tensorboard_and_checkpoints(layered_recipe, tmp_path):
     assert ckpt_callback.save_last and ckpt_callback._every_n_train_steps == 2
     assert Path(cli.trainer.logger.log_dir) == tmp_path / "run" / "tensorboard"
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert any(isinstance(c, DataHealthMonitor) for c in cli.trainer.callbacks)
 
 
 class _CaptureOptimizerAtStart(Callback):
