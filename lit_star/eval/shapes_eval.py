@@ -1,0 +1,527 @@
+"""ShapesEval: score images of the Shapes world against prompt metadata, GenEval-style and for edits.
+
+    python -m lit_star eval shapes --prompts runs/shapes_world/eval/geneval.jsonl --images runs/shapes_world/eval/geneval_gt
+    python -m lit_star eval shapes --prompts runs/shapes_world/eval/edit.jsonl --images runs/shapes_world/eval/edit_gt --out edit.json
+
+Images are named ``<id>.png`` (``.jpg``/``.jpeg``/``.webp`` also accepted). Objects are found without any
+learned model:
+
+1. the background colour is the median of the image border;
+2. every pixel is explained as a blend ``bg + alpha * (colour - bg)`` of the background with each palette
+   colour; a pixel belongs to the colour with the smallest blend residual if its alpha is at least 0.5.
+   Anti-aliased or blurred edges are blends, so they are assigned to the right colour and not to a third
+   one lying near the blend (red on white is not pink);
+3. connected components of each colour are objects; one touching a larger one is a fringe of it (world
+   objects never touch) and joins it, and one under 0.25% of the image is noise;
+4. the shape is the outline that best fits the object's soft alpha map in the least-squares sense, over
+   the five shapes and a few blur widths, with scale set by the alpha mass and position by its centroid.
+
+GenEval's rules then decide each prompt (see :func:`score_geneval_prompt`); an edit is right when the
+edited cells match the target scene and every other cell and the background are unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from lit_star.data.shapes_world import (
+    BACKGROUNDS, COLORS, EDIT_CATEGORIES, GENEVAL_CATEGORIES, GRID, SHAPES, UNIT_OUTLINES, Scene, draw_shape,
+    relations_between,
+)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+_PALETTE_NAMES = list(COLORS)
+_PALETTE = np.array([COLORS[n] for n in _PALETTE_NAMES], dtype=np.float32)
+_BACKGROUND_NAMES = list(BACKGROUNDS)
+_BACKGROUND_RGB = np.array([BACKGROUNDS[n] for n in _BACKGROUND_NAMES], dtype=np.float32)
+
+# A colour closer than this to the background cannot be told from it (RGB distance, 0-255 scale).
+_MIN_CONTRAST = 45.0
+# Largest distance of a pixel from the background-to-colour blend line that still counts as that colour.
+_MAX_BLEND_RESIDUAL = 60.0
+# Background names are given only to a border colour this close to one of the world's backgrounds.
+_MAX_BACKGROUND_DISTANCE = 40.0
+_BLUR_WIDTHS = (0.0, 0.5, 0.8, 1.1, 1.4, 1.7, 2.0, 2.4)
+
+
+@dataclass
+class DetectedObject:
+    shape: str
+    color: str
+    bbox: tuple[float, float, float, float]  # x0, y0, x1, y1 pixel edges of the alpha >= 0.5 region
+    centroid: tuple[float, float]
+    mass: float  # sum of alpha: the object's area in pixels, unchanged by blur
+    cell: tuple[int, int]
+    fit_error: float
+
+    def to_dict(self) -> dict:
+        return {"shape": self.shape, "color": self.color, "cell": list(self.cell),
+                "bbox": [round(v, 2) for v in self.bbox], "mass": round(self.mass, 1), "fit_error": round(self.fit_error, 3)}
+
+
+@dataclass
+class Detection:
+    background: str | None
+    background_rgb: tuple[float, float, float]
+    objects: list[DetectedObject] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"background": self.background, "objects": [o.to_dict() for o in self.objects]}
+
+
+# ---------------------------------------------------------------- detection
+
+
+def _to_array(image) -> np.ndarray:
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as img:
+            image = img.convert("RGB")
+    elif isinstance(image, Image.Image):
+        image = image.convert("RGB")
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected an RGB image, got an array of shape {arr.shape}")
+    return arr
+
+
+def _border_median(arr: np.ndarray, width: int = 2) -> np.ndarray:
+    frame = np.concatenate([arr[:width].reshape(-1, 3), arr[-width:].reshape(-1, 3),
+                            arr[:, :width].reshape(-1, 3), arr[:, -width:].reshape(-1, 3)])
+    return np.median(frame, axis=0)
+
+
+def _unit_area_and_centroid(shape: str) -> tuple[float, tuple[float, float]]:
+    """Area and centroid (relative to the bbox centre) of ``shape`` at unit bbox width."""
+    outline = UNIT_OUTLINES[shape]
+    if outline is None:
+        return math.pi / 4, (0.0, 0.0)
+    area = cx = cy = 0.0
+    for (x0, y0), (x1, y1) in zip(outline, outline[1:] + outline[:1]):
+        cross = x0 * y1 - x1 * y0
+        area += cross
+        cx += (x0 + x1) * cross
+        cy += (y0 + y1) * cross
+    area /= 2
+    return abs(area), (cx / (6 * area), cy / (6 * area))
+
+
+_UNIT_GEOMETRY = {shape: _unit_area_and_centroid(shape) for shape in SHAPES}
+
+
+def _render_template(shape: str, width: float, center: tuple[float, float], patch_hw: tuple[int, int],
+                     supersample: int = 4) -> np.ndarray:
+    """Coverage (0..1) of ``shape`` with bbox width ``width`` and bbox centre ``center`` on a pixel grid."""
+    h, w = patch_hw
+    canvas = Image.new("L", (w * supersample, h * supersample), 0)
+    draw_shape(ImageDraw.Draw(canvas), shape, (center[0] * supersample, center[1] * supersample),
+               width * supersample, 255)
+    return np.asarray(canvas.reduce(supersample), dtype=np.float32) / 255.0
+
+
+def _fit_shape(soft: np.ndarray, centroid: tuple[float, float], mass: float) -> tuple[str, float]:
+    """Least-squares fit of every shape outline (and blur width) to the soft alpha patch ``soft``."""
+    best_shape, best_error = SHAPES[0], math.inf
+    for shape in SHAPES:
+        unit_area, (ux, uy) = _UNIT_GEOMETRY[shape]
+        width = math.sqrt(max(mass, 1e-6) / unit_area)
+        # pixel (i, j) covers [j, j+1) x [i, i+1), so the centroid of alpha is measured at pixel centres + 0.5
+        center = (centroid[0] + 0.5 - ux * width, centroid[1] + 0.5 - uy * width)
+        template = _render_template(shape, width, center, soft.shape)
+        blurred = _blur_rows(soft.shape[0]) @ template @ _blur_rows(soft.shape[1]).transpose(0, 2, 1)
+        error = float(((blurred - soft) ** 2).sum((1, 2)).min())
+        if error < best_error:
+            best_shape, best_error = shape, error
+    return best_shape, best_error / max(mass, 1e-6)
+
+
+@functools.lru_cache(maxsize=512)
+def _blur_rows(n: int) -> np.ndarray:
+    """(len(_BLUR_WIDTHS), n, n) matrices applying a zero-padded 1-D Gaussian blur of each width."""
+    offsets = np.arange(n)[:, None] - np.arange(n)[None, :]
+    matrices = []
+    for sigma in _BLUR_WIDTHS:
+        if sigma == 0:
+            matrices.append(np.eye(n, dtype=np.float32))
+            continue
+        radius = int(4 * sigma + 0.5)
+        norm = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2).sum()
+        kernel = np.where(np.abs(offsets) <= radius, np.exp(-0.5 * (offsets / sigma) ** 2), 0.0) / norm
+        matrices.append(kernel.astype(np.float32))
+    return np.stack(matrices)
+
+
+# RGB -> YCbCr (without offsets). JPEG keeps chroma at half resolution, so the alpha map that the shape is
+# fitted to leans on luma, which keeps the edges sharp, and uses chroma only where luma cannot tell.
+_YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], dtype=np.float32)
+_YCBCR_WEIGHTS = np.array([1.0, 0.1, 0.1], dtype=np.float32)
+
+
+def _luma_weighted_alpha(offset: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    d = _YCBCR @ direction
+    weighted = _YCBCR_WEIGHTS * d
+    return (offset @ _YCBCR.T @ weighted) / float(d @ weighted)
+
+
+def _cell_of(bbox, height: int, width: int, grid: int) -> tuple[int, int]:
+    cx, cy = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
+    row = min(grid - 1, max(0, int(cy / (height / grid))))
+    col = min(grid - 1, max(0, int(cx / (width / grid))))
+    return row, col
+
+
+def _dominant_colour(offsets: np.ndarray, directions: np.ndarray, visible: np.ndarray, fallback: int) -> int:
+    """Palette colour whose background blend best explains the mean of an object's pixels."""
+    mean = offsets.mean(0)
+    norms2 = np.maximum((directions ** 2).sum(1), 1e-6)
+    alpha = directions @ mean / norms2
+    residual = (mean ** 2).sum() - alpha * (directions @ mean)
+    residual = np.where(visible & (alpha > 0.1), residual, np.inf)
+    return int(residual.argmin()) if np.isfinite(residual).any() else fallback
+
+
+def _objects_from_labels(label: np.ndarray, min_area: int) -> tuple[np.ndarray, list[int]]:
+    """Connected components of each colour label -> (object id map, colour index of each id).
+
+    World objects never touch, so a component touching a larger one is an artefact of its edge (JPEG
+    chroma bleeding makes part of a small black shape look brown) and joins it; what is left below
+    ``min_area`` pixels is noise. The colour of a joined object is decided again afterwards.
+    """
+    parts = []
+    for k in np.unique(label[label >= 0]):
+        labelled, n = ndimage.label(label == k)
+        for index, window in enumerate(ndimage.find_objects(labelled), start=1):
+            mask = labelled[window] == index
+            parts.append((int(mask.sum()), int(k), window, mask))
+    parts.sort(key=lambda p: -p[0])
+
+    ids = np.zeros(label.shape, dtype=np.int32)
+    colours: list[int] = []
+    areas: list[int] = []
+    for area, k, window, mask in parts:
+        grown = (slice(max(window[0].start - 1, 0), window[0].stop + 1),
+                 slice(max(window[1].start - 1, 0), window[1].stop + 1))
+        local = np.zeros(ids[grown].shape, dtype=bool)
+        local[window[0].start - grown[0].start:window[0].stop - grown[0].start,
+              window[1].start - grown[1].start:window[1].stop - grown[1].start] = mask
+        touching = np.unique(ids[grown][ndimage.binary_dilation(local, np.ones((3, 3), bool))])
+        touching = [t for t in touching if t > 0]
+        if touching:
+            owner = max(touching, key=lambda t: areas[t - 1])
+        elif area >= min_area:
+            colours.append(k)
+            areas.append(0)
+            owner = len(colours)
+        else:
+            continue
+        ids[window][mask] = owner
+        areas[owner - 1] += area
+    return ids, colours
+
+
+def detect_objects(image, grid: int = GRID) -> Detection:
+    """Find the coloured objects of a Shapes-world image (a path, PIL image or H x W x 3 array)."""
+    arr = _to_array(image)
+    height, width = arr.shape[:2]
+    bg = _border_median(arr)
+    bg_dist = np.linalg.norm(_BACKGROUND_RGB - bg, axis=1)
+    background = _BACKGROUND_NAMES[int(bg_dist.argmin())] if bg_dist.min() <= _MAX_BACKGROUND_DISTANCE else None
+
+    directions = _PALETTE - bg  # K x 3
+    norms2 = (directions ** 2).sum(1)
+    visible = norms2 > _MIN_CONTRAST ** 2
+    offset = arr - bg  # H x W x 3
+    along = offset @ directions.T  # H x W x K
+    alpha = along / np.maximum(norms2, 1e-6)
+    residual = np.sqrt(np.maximum((offset ** 2).sum(-1, keepdims=True) - along * alpha, 0.0))
+    # The colour is the best blend explanation among all colours present at all; only then is alpha
+    # thresholded, so a faint orange edge is not taken for a strong yellow one.
+    best = np.where(visible & (alpha > 0.1), residual, np.inf).argmin(-1)
+    best_alpha = np.take_along_axis(alpha, best[..., None], -1)[..., 0]
+    best_residual = np.take_along_axis(residual, best[..., None], -1)[..., 0]
+    label = np.where((best_alpha >= 0.5) & (best_residual <= _MAX_BLEND_RESIDUAL), best, -1)
+
+    min_area = max(4, round(0.0025 * height * width))
+    ids, colours = _objects_from_labels(label, min_area)
+    if not colours:
+        return Detection(background, tuple(float(v) for v in bg))
+
+    # Each pixel near objects belongs to its nearest object, so blurred halos of neighbours don't mix.
+    distance, (near_r, near_c) = ndimage.distance_transform_edt(ids == 0, return_indices=True)
+    nearest = ids[near_r, near_c]
+    halo = max(4, round(width / 16))
+
+    objects = []
+    for i, k in enumerate(colours, start=1):
+        mask = ids == i
+        k = _dominant_colour(offset[mask], directions, visible, fallback=k)
+        rows, cols = np.nonzero(mask)
+        y0, y1 = max(rows.min() - halo, 0), min(rows.max() + halo + 1, height)
+        x0, x1 = max(cols.min() - halo, 0), min(cols.max() + halo + 1, width)
+        window = (slice(y0, y1), slice(x0, x1))
+        region = (nearest[window] == i) & (distance[window] <= halo)
+        # Stray pixels given another colour (JPEG chroma bleeding at edges) still count here; only
+        # pixels of another real object are left out.
+        region &= (ids[window] == 0) | (ids[window] == i)
+        # Clip only far outliers: clipping at 0 would turn JPEG noise into a positive bias on the mass.
+        sharp_alpha = _luma_weighted_alpha(offset[window], directions[k])
+        soft = np.where(region, np.clip(sharp_alpha, -0.25, 1.25), 0.0).astype(np.float32)
+        mass = float(soft.sum())
+        if mass < min_area / 2:
+            continue
+        yy, xx = np.mgrid[0:y1 - y0, 0:x1 - x0]
+        centroid = (float((soft * xx).sum() / mass), float((soft * yy).sum() / mass))
+        shape, error = _fit_shape(soft, centroid, mass)
+        bbox = (float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1))
+        objects.append(DetectedObject(
+            shape=shape, color=_PALETTE_NAMES[k], bbox=bbox,
+            centroid=(centroid[0] + x0 + 0.5, centroid[1] + y0 + 0.5), mass=mass,
+            cell=_cell_of(bbox, height, width, grid), fit_error=error,
+        ))
+    objects.sort(key=lambda o: (o.cell, -o.mass))
+    return Detection(background, tuple(float(v) for v in bg), objects)
+
+
+# ---------------------------------------------------------------- GenEval-style rules
+
+
+def _describe(req: Mapping) -> str:
+    return f"{req.get('color', '')} {req['shape']}".strip()
+
+
+def _matching(objects: list[DetectedObject], req: Mapping) -> list[DetectedObject]:
+    found = [o for o in objects if o.shape == req["shape"] and ("color" not in req or o.color == req["color"])]
+    return sorted(found, key=lambda o: -o.mass)
+
+
+def score_geneval_prompt(meta: Mapping, detection: Detection) -> tuple[bool, str]:
+    """GenEval's rule on one prompt: every ``include`` entry is found ``count`` times (the largest
+    instances stand for it, like GenEval's most confident boxes), with its ``position`` relative to an
+    earlier entry holding for every pair; no ``exclude`` entry is found ``count`` times or more."""
+    groups: list[list[DetectedObject]] = []
+    for req in meta["include"]:
+        count = int(req.get("count", 1))
+        found = _matching(detection.objects, req)
+        if len(found) < count:
+            return False, f"expected {count} {_describe(req)}, found {len(found)}"
+        chosen = found[:count]
+        if "position" in req:
+            relation, target = req["position"]
+            for a in chosen:
+                for b in groups[target]:
+                    if relation not in relations_between(a.bbox, b.bbox):
+                        return False, f"{_describe(req)} is not {relation} {_describe(meta['include'][target])}"
+        groups.append(chosen)
+    for req in meta.get("exclude", []):
+        found = _matching(detection.objects, req)
+        if len(found) >= int(req["count"]):
+            return False, f"expected fewer than {req['count']} {_describe(req)}, found {len(found)}"
+    return True, ""
+
+
+# ---------------------------------------------------------------- edits
+
+
+def _cell_contents(objects: Iterable) -> dict[tuple[int, int], list[tuple[str, str]]]:
+    cells: dict[tuple[int, int], list[tuple[str, str]]] = defaultdict(list)
+    for o in objects:
+        cells[tuple(o.cell)].append((o.shape, o.color))
+    return cells
+
+
+def score_edit_pair(meta: Mapping, detection: Detection) -> tuple[bool, bool, str]:
+    """(instruction satisfied, rest preserved, reason) for one edit pair.
+
+    The edited cells are those where source and target scenes differ; each must hold exactly the
+    target's object (or nothing). Every other cell must still hold exactly what it held, and the
+    background must be the target's.
+    """
+    source, target = Scene.from_meta(meta["source"]), Scene.from_meta(meta["target"])
+    before, after = _cell_contents(source.objects), _cell_contents(target.objects)
+    seen = _cell_contents(detection.objects)
+    edited = {c for c in set(before) | set(after) if before.get(c, []) != after.get(c, [])}
+    background_edited = source.background != target.background
+
+    satisfied, preserved, reasons = True, True, []
+    for cell in sorted(set(after) | set(seen) | edited):
+        want, got = sorted(after.get(cell, [])), sorted(seen.get(cell, []))
+        if want != got:
+            if cell in edited:
+                satisfied = False
+            else:
+                preserved = False
+            reasons.append(f"cell {list(cell)}: expected {want or 'nothing'}, found {got or 'nothing'}")
+    if detection.background != target.background:
+        if background_edited:
+            satisfied = False
+        else:
+            preserved = False
+        reasons.append(f"background: expected {target.background}, found {detection.background}")
+    return satisfied, preserved, "; ".join(reasons)
+
+
+# ---------------------------------------------------------------- batch scoring
+
+
+def load_prompts(path: str | Path) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from err
+            for key in ("id", "category"):
+                if key not in record:
+                    raise ValueError(f"{path}:{line_no}: record lacks {key!r}")
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no prompts")
+    return records
+
+
+def _find_image(images: str | Path | Mapping, prompt_id: str):
+    if isinstance(images, Mapping):
+        return images.get(prompt_id)
+    for suffix in IMAGE_SUFFIXES:
+        candidate = Path(images) / f"{prompt_id}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _detect_or_reason(images, prompt_id: str) -> tuple[Detection | None, str]:
+    image = _find_image(images, prompt_id)
+    if image is None:
+        return None, "missing image"
+    try:
+        return detect_objects(image), ""
+    except (OSError, ValueError) as err:
+        return None, f"unreadable image: {err}"
+
+
+def _summarise(task: str, order: tuple[str, ...], rows: list[dict], extra_keys: tuple[str, ...] = ()) -> dict:
+    per_category: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        per_category[row["category"]].append(row)
+    names = [c for c in order if c in per_category] + sorted(set(per_category) - set(order))
+    categories = {c: float(np.mean([r["correct"] for r in per_category[c]])) for c in names}
+    result = {
+        "task": task,
+        "overall": float(np.mean(list(categories.values()))),
+        "categories": categories,
+        "counts": {c: len(per_category[c]) for c in names},
+        "missing": [r["id"] for r in rows if r["detected"] is None],
+        "per_prompt": rows,
+    }
+    for key in extra_keys:
+        result[key] = {c: float(np.mean([r[key] for r in per_category[c]])) for c in names}
+    return result
+
+
+def _as_records(prompts) -> list[dict]:
+    records = load_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)
+    if not records:
+        raise ValueError("no prompts to score")
+    return records
+
+
+def _require(meta: Mapping, keys: tuple[str, ...], task: str) -> None:
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        raise ValueError(f"{task} record {meta.get('id', '?')!r} lacks {missing}")
+
+
+def score_geneval(prompts, images) -> dict:
+    """Score GenEval-style ``prompts`` (JSONL path or records) against ``images`` (folder or id -> image)."""
+    rows = []
+    for meta in _as_records(prompts):
+        _require(meta, ("id", "category", "include"), "GenEval-style")
+        detection, reason = _detect_or_reason(images, meta["id"])
+        correct = False
+        if detection is not None:
+            correct, reason = score_geneval_prompt(meta, detection)
+        rows.append({"id": meta["id"], "category": meta["category"], "correct": bool(correct), "reason": reason,
+                     "detected": detection.to_dict() if detection else None})
+    return _summarise("geneval", GENEVAL_CATEGORIES, rows)
+
+
+def score_edits(prompts, images) -> dict:
+    """Score edit pairs (JSONL path or records with ``source``/``target`` scenes) against edited images."""
+    rows = []
+    for meta in _as_records(prompts):
+        _require(meta, ("id", "category", "source", "target"), "edit")
+        detection, reason = _detect_or_reason(images, meta["id"])
+        satisfied = preserved = False
+        if detection is not None:
+            try:
+                satisfied, preserved, reason = score_edit_pair(meta, detection)
+            except ValueError as err:
+                raise ValueError(f"edit record {meta['id']!r}: {err}") from err
+        rows.append({"id": meta["id"], "category": meta["category"], "correct": bool(satisfied and preserved),
+                     "instruction": bool(satisfied), "preserved": bool(preserved), "reason": reason,
+                     "detected": detection.to_dict() if detection else None})
+    return _summarise("edit", EDIT_CATEGORIES, rows, extra_keys=("instruction", "preserved"))
+
+
+def format_table(result: dict) -> str:
+    extra = [k for k in ("instruction", "preserved") if k in result]
+    header = f"{'category':<16}{'n':>5}{'score':>8}" + "".join(f"{k:>13}" for k in extra)
+    lines = [f"ShapesEval ({result['task']})", header, "-" * len(header)]
+    for name, score in result["categories"].items():
+        lines.append(f"{name:<16}{result['counts'][name]:>5}{score:>8.2f}"
+                     + "".join(f"{result[k][name]:>13.2f}" for k in extra))
+    lines.append("-" * len(header))
+    lines.append(f"{'overall':<16}{sum(result['counts'].values()):>5}{result['overall']:>8.2f}")
+    if result["missing"]:
+        lines.append(f"{len(result['missing'])} image(s) missing or unreadable (scored 0), e.g. {result['missing'][0]}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lit_star eval shapes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", required=True, help="eval JSONL: geneval.jsonl, knowledge.jsonl or edit.jsonl")
+    parser.add_argument("--images", required=True, help="folder of images named <id>.png")
+    parser.add_argument("--task", choices=("auto", "geneval", "edit"), default="auto",
+                        help="auto: edit when the records carry source/target scenes")
+    parser.add_argument("--out", help="write the scores (with per-prompt reasons) as JSON here")
+    args = parser.parse_args(argv)
+
+    if not Path(args.images).is_dir():
+        print(f"eval shapes: --images {args.images} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        records = load_prompts(args.prompts)
+    except (OSError, ValueError) as err:
+        print(f"eval shapes: {err}", file=sys.stderr)
+        return 2
+    task = args.task
+    if task == "auto":
+        task = "edit" if "target" in records[0] else "geneval"
+    try:
+        result = score_edits(records, args.images) if task == "edit" else score_geneval(records, args.images)
+    except ValueError as err:
+        print(f"eval shapes: {args.prompts}: {err}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+    if len(result["missing"]) == len(records):
+        print(f"eval shapes: no image of {args.prompts} was found in {args.images}", file=sys.stderr)
+        return 1
+    return 0
