@@ -7,7 +7,8 @@ A curriculum YAML has a ``run_dir`` and an ordered mapping ``steps``. Each step 
 ``python -m lit_star ...`` invocation (``argv`` + ``extra_args``) and an ``output`` path that
 exists once the step has finished; a step whose output exists is skipped, so rerunning the same
 command resumes after the last finished step. Several YAML files merge in order (OmegaConf), and
-``${run_dir}``-style interpolations resolve after merging. Each step runs in its own process so
+``${run_dir}``-style interpolations resolve after merging. ``env`` entries are exported to every
+step (the Shapes recipes take their world and run directories from ``SHAPES_WORLD``/``SHAPES_RUNS``). Each step runs in its own process so
 memory and thread settings start fresh. Wall times go to ``<run_dir>/timings.json`` and the final
 step can write the report from them.
 """
@@ -52,6 +53,8 @@ def run_curriculum(config: DictConfig, only: list[str] | None = None, log=print)
     timings: dict[str, dict] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_NUM_THREADS", str(config.get("threads", os.cpu_count() or 1)))
+    # The Shapes recipes read their world and run roots from ${oc.env:...}; one place sets them.
+    env.update({str(k): str(v) for k, v in config.get("env", {}).items()})
     for name, step in config.steps.items():
         if only and name not in only:
             continue

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +38,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # Keys that exist only while training with the codebook projector; never exported.
 PROJECTOR_PREFIX = "quantize.projector."
-# Default bound on one distance tile (rows x codes fp32 values, 16 MiB); see nearest_code_indices.
-DEFAULT_SEARCH_CHUNK_ELEMENTS = 1 << 22
+# Default bound on one distance tile (rows x codes fp32 values, 4 MiB); see nearest_code_indices.
+DEFAULT_SEARCH_CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass
@@ -121,11 +120,12 @@ VQ_FLAVOURS: dict[str, dict] = {
         encoder_ch_mult=[1, 1, 2, 2, 4], decoder_ch_mult=[1, 1, 2, 2, 4], attn_num_heads=1,
     ),
     # CPU / Shapes world: 4x downsampling (16 x 16 codes at 64 px). 16x would give 4 x 4 codes at 64 px,
-    # far too coarse for ~28 dB PSNR; 4x keeps 256 codes per image so a small codebook reconstructs well.
-    # 1,024 x 16 codes (a 32 x 32 codebook image for the projector, patch 4 -> 64 projector tokens).
+    # far too coarse for ~28 dB PSNR; 4x keeps 256 codes per image so a small codebook reconstructs the
+    # flat-coloured shapes' edges. Width 32 (64 at the lowest level, 2 heads) keeps a training step on one
+    # CPU core well under a second. 1,024 x 16 codes: a 32 x 32 codebook image, projector patch 4 -> 64 tokens.
     "tiny": dict(
-        codebook_size=1024, codebook_embed_dim=16, z_channels=64, ch=64,
-        encoder_ch_mult=[1, 1, 2], decoder_ch_mult=[1, 1, 2], num_res_blocks=1, attn_num_heads=2,
+        codebook_size=1024, codebook_embed_dim=16, z_channels=32, ch=32,
+        encoder_ch_mult=[1, 2, 2], decoder_ch_mult=[1, 2, 2], num_res_blocks=1, attn_num_heads=2,
         codebook_projector=True, projector_patch_size=4, projector_num_heads=2, projector_head_dim=16,
     ),
 }
@@ -307,6 +307,17 @@ class Decoder(nn.Module):
 # --------------------------------------------------------------------------- quantizer
 
 
+def _blockwise_squared_norms(x: Tensor, block_bytes: int = 1 << 19) -> Tensor:
+    """``torch.sum(x**2, dim=1)`` computed on row blocks of about ``block_bytes``: the same per-row
+    arithmetic (so the same bits) without an N x D temporary; small blocks also stay below the allocator's
+    mmap threshold, so they are reused instead of growing the heap."""
+    rows = max(1, block_bytes // (x.shape[1] * x.element_size()))
+    out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    for i in range(0, x.shape[0], rows):
+        torch.sum(x[i:i + rows] ** 2, dim=1, out=out[i:i + rows])
+    return out
+
+
 @torch.no_grad()
 def nearest_code_indices(z: Tensor, codebook: Tensor, chunk_elements: int = DEFAULT_SEARCH_CHUNK_ELEMENTS) -> Tensor:
     """Index of the nearest codebook row for every row of ``z`` (N x D against K x D), int64 of shape (N,).
@@ -327,11 +338,11 @@ def nearest_code_indices(z: Tensor, codebook: Tensor, chunk_elements: int = DEFA
     z = z.float().contiguous()
     codebook = codebook.float().contiguous()
     num_rows, num_codes = z.shape[0], codebook.shape[0]
-    z_sq = torch.sum(z**2, dim=1)
-    code_sq = torch.sum(codebook**2, dim=1)
     # Up to 1,024 rows per tile (enough to keep the matmul efficient), then as many codes as the budget allows.
     row_tile = max(1, min(num_rows, 1024, chunk_elements))
     code_tile = max(1, min(num_codes, chunk_elements // row_tile))
+    z_sq = _blockwise_squared_norms(z)
+    code_sq = _blockwise_squared_norms(codebook)
     dots = torch.empty(row_tile * code_tile, dtype=torch.float32, device=z.device)
     dists = torch.empty_like(dots)
     indices = torch.empty(num_rows, dtype=torch.long, device=z.device)
@@ -418,13 +429,21 @@ class VectorQuantizer(nn.Module):
         )
 
     def codebook(self) -> Tensor:
-        """The K x D codebook the search uses: projected when the projector is on, l2-normalised if enabled."""
-        weight = self.embedding.weight
-        if self.projector is not None:
-            weight = self.projector(weight)
-        return F.normalize(weight, p=2, dim=-1) if self.l2_norm else weight
+        """The K x D codebook the search uses: projected when the projector is on, l2-normalised if enabled.
+
+        Always fp32, also under autocast: a bf16 codebook would change codes and the VQ losses."""
+        weight = self.embedding.weight.float()
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            if self.projector is not None:
+                weight = self.projector(weight)
+            return F.normalize(weight, p=2, dim=-1) if self.l2_norm else weight
 
     def forward(self, z: Tensor) -> QuantizerOutput:
+        """Quantize encoder features ``z`` (B x D x h x w). Runs in fp32 whatever the autocast state."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self._quantize(z.float())
+
+    def _quantize(self, z: Tensor) -> QuantizerOutput:
         b, d, h, w = z.shape
         z = z.permute(0, 2, 3, 1).contiguous()
         if self.l2_norm:
