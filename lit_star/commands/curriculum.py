@@ -4,13 +4,14 @@
     python -m lit_star curriculum recipes/shapes/curriculum.yaml recipes/shapes/curriculum_smoke.yaml --run-dir /tmp/cur
 
 A curriculum YAML has a ``run_dir`` and an ordered mapping ``steps``. Each step is one
-``python -m lit_star ...`` invocation (``argv`` + ``extra_args``) and an ``output`` path that
-exists once the step has finished; a step whose output exists is skipped, so rerunning the same
-command resumes after the last finished step. Several YAML files merge in order (OmegaConf), and
-``${run_dir}``-style interpolations resolve after merging. ``env`` entries are exported to every
-step (the Shapes recipes take their world and run directories from ``SHAPES_WORLD``/``SHAPES_RUNS``). Each step runs in its own process so
-memory and thread settings start fresh. Wall times go to ``<run_dir>/timings.json`` and the final
-step can write the report from them.
+``python -m lit_star ...`` invocation (``argv`` + ``extra_args``) and the ``output`` it must leave.
+A finished step is marked in ``<run_dir>/done/<step>`` and skipped next time, so rerunning the same
+command resumes after the last finished step; a step that was interrupted is rerun, with
+``resume_args`` appended when its ``resume_when`` path exists (``--ckpt_path last`` for training).
+Several YAML files merge in order (OmegaConf) and ``${run_dir}``-style interpolations resolve
+after merging. ``env`` entries are exported to every step (the Shapes recipes take their world and
+run directories from ``SHAPES_WORLD`` / ``SHAPES_RUNS``). Each step runs in its own process so memory
+and thread settings start fresh. Wall times go to ``<run_dir>/timings.json``.
 """
 
 from __future__ import annotations
@@ -58,11 +59,13 @@ def run_curriculum(config: DictConfig, only: list[str] | None = None, log=print)
     for name, step in config.steps.items():
         if only and name not in only:
             continue
-        output = Path(step.output)
-        if output.exists():
+        output, marker = Path(step.output), run_dir / "done" / name
+        if marker.exists() and output.exists():
             log(f"[curriculum] {name}: done already ({output}), skipping")
             continue
         argv = [str(a) for a in [*step.argv, *step.get("extra_args", [])]]
+        if step.get("resume_when") and Path(step.resume_when).exists():
+            argv += [str(a) for a in step.get("resume_args", [])]
         log(f"[curriculum] {name}: python -m lit_star {' '.join(argv)}")
         start = time.perf_counter()
         result = subprocess.run([sys.executable, "-m", "lit_star", *argv], env=env)
@@ -71,6 +74,8 @@ def run_curriculum(config: DictConfig, only: list[str] | None = None, log=print)
             raise RuntimeError(f"curriculum step {name!r} failed with exit code {result.returncode} after {seconds:.0f} s")
         if not output.exists():
             raise RuntimeError(f"curriculum step {name!r} finished but did not write its output {output}")
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{seconds:.1f}\n")
         timings[name] = {"seconds": round(seconds, 1), "argv": argv}
         timings_path.write_text(json.dumps(timings, indent=2))
         log(f"[curriculum] {name}: finished in {seconds:.0f} s")

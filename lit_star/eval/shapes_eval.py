@@ -492,6 +492,10 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if "--ckpt" in argv:  # generate with a stage 2 checkpoint first, then score
+        from lit_star.eval.shapes_generation import main as generate_and_score
+
+        return generate_and_score(argv)
     parser = argparse.ArgumentParser(prog="python -m lit_star eval shapes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", required=True, help="eval JSONL: geneval.jsonl, knowledge.jsonl or edit.jsonl")
     parser.add_argument("--images", required=True, help="folder of images named <id>.png")

@@ -1,0 +1,182 @@
+"""Generate the ShapesEval sets with a stage 2 checkpoint and score them.
+
+    python -m lit_star eval shapes --ckpt runs/shapes/stage2_stacked_ar/checkpoints/last.ckpt \\
+        --world runs/shapes_world --out runs/shapes/eval --cfg 3 --topk 64 --topp 1.0
+
+Writes under ``--out``: one folder of images per set (``geneval/``, ``knowledge_plain/``,
+``knowledge_reasoning/``, ``edit/`` with ``--edits``), each with its ``generations.jsonl``; an image
+grid per set and category (``grids/<set>_<category>.png``); and ``results.json`` with the scores,
+the sampler settings and the base's riddle answers.
+
+The knowledge riddles are scored twice with the same seeds: drawn from the riddle text directly,
+and with implicit reasoning (the frozen base answers the riddle first and the stack draws its answer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from lit_star.commands.generate import assign_ids_and_seeds, write_generations
+from lit_star.eval.shapes_eval import format_table, load_prompts, score_edits, score_geneval
+from lit_star.sampling.decoding import DecodeOptions
+from lit_star.sampling.filtering import SamplerConfig
+from lit_star.sampling.modes import REFERENCE_REASONING_SUFFIX, Star, codes_to_images, edit_codes
+
+GRID_COLUMNS = 8
+GRID_MAX_IMAGES = 32
+
+
+def tile_images(images: Sequence[Image.Image], columns: int = GRID_COLUMNS) -> Image.Image:
+    """Paste equally sized images row by row onto one canvas (a 2 px white gutter between them)."""
+    if not images:
+        raise ValueError("tile_images got no images")
+    width, height = images[0].size
+    columns = min(columns, len(images))
+    rows = math.ceil(len(images) / columns)
+    gutter = 2
+    canvas = Image.new("RGB", (columns * (width + gutter) - gutter, rows * (height + gutter) - gutter), "white")
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        canvas.paste(image.convert("RGB"), (column * (width + gutter), row * (height + gutter)))
+    return canvas
+
+
+def write_category_grids(records: Sequence[dict], image_dir: Path, grid_dir: Path, set_name: str) -> list[str]:
+    by_category: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        by_category[record.get("category", "all")].append(record)
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for category, members in sorted(by_category.items()):
+        images = [Image.open(image_dir / f"{r['id']}.png") for r in members[:GRID_MAX_IMAGES]]
+        path = grid_dir / f"{set_name}_{category}.png"
+        tile_images(images).save(path)
+        written.append(str(path))
+    return written
+
+
+def limit_per_category(records: list[dict], limit: int | None) -> list[dict]:
+    if limit is None:
+        return records
+    taken: dict[str, int] = defaultdict(int)
+    kept = []
+    for record in records:
+        category = record.get("category", "all")
+        if taken[category] < limit:
+            taken[category] += 1
+            kept.append(record)
+    return kept
+
+
+def _generate_and_score(star, records, out, sampler, options, batch_size, seed, reasoning: bool):
+    records = assign_ids_and_seeds(records, seed)
+    suffix = REFERENCE_REASONING_SUFFIX if reasoning else None
+    rows = write_generations(star, records, out, sampler, options, batch_size, reasoning_suffix=suffix)
+    return rows, score_geneval(records, out)
+
+
+def _edit_and_score(star: Star, records, source_dir: Path, out: Path, sampler, options, batch_size, seed):
+    records = assign_ids_and_seeds([{**r, "prompt": r["instruction"]} for r in records], seed)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(records), unit="edit", desc="edit", dynamic_ncols=True)
+    with open(out / "edits.jsonl", "w", encoding="utf-8") as log:
+        for start in range(0, len(records), batch_size):
+            batch = records[start : start + batch_size]
+            sources = []
+            for record in batch:
+                path = source_dir / f"{record['id']}.png"
+                if not path.is_file():
+                    raise FileNotFoundError(f"edit source image {path} (for {record['id']}) is missing")
+                sources.append(Image.open(path).convert("RGB"))
+            codes = edit_codes(star, sources, [r["instruction"] for r in batch], sampler, [r["seed"] for r in batch], options)
+            for record, image in zip(batch, codes_to_images(star.vq, codes)):
+                image.save(out / f"{record['id']}.png")
+                log.write(json.dumps({"id": record["id"], "instruction": record["instruction"], "seed": record["seed"],
+                                      "settings": sampler.as_dict()}) + "\n")
+            bar.update(len(batch))
+    bar.close()
+    return score_edits(records, out)
+
+
+def evaluate_on_shapes(
+    star: Star,
+    world: str | Path,
+    out: str | Path,
+    sampler: SamplerConfig,
+    options: DecodeOptions = DecodeOptions(),
+    batch_size: int = 16,
+    seed: int = 0,
+    edits: bool = False,
+    knowledge: bool = True,
+    per_category: int | None = None,
+    log=print,
+) -> dict:
+    """Generate and score the world's eval sets; returns (and writes) ``results.json``'s content."""
+    eval_dir, out = Path(world) / "eval", Path(out)
+    if not eval_dir.is_dir():
+        raise FileNotFoundError(f"{eval_dir} does not exist: generate the world first (python -m lit_star data shapes)")
+    results: dict = {"sampler": sampler.as_dict(), "seed": seed, "per_category": per_category}
+    grids: list[str] = []
+
+    records = limit_per_category(load_prompts(eval_dir / "geneval.jsonl"), per_category)
+    _, results["geneval"] = _generate_and_score(star, records, out / "geneval", sampler, options, batch_size, seed, False)
+    grids += write_category_grids(records, out / "geneval", out / "grids", "geneval")
+    log("GenEval-style:\n" + format_table(results["geneval"]))
+
+    if knowledge:
+        records = limit_per_category(load_prompts(eval_dir / "knowledge.jsonl"), per_category)
+        _, results["knowledge_without_reasoning"] = _generate_and_score(
+            star, records, out / "knowledge_plain", sampler, options, batch_size, seed, False)
+        rows, results["knowledge_with_reasoning"] = _generate_and_score(
+            star, records, out / "knowledge_reasoning", sampler, options, batch_size, seed, True)
+        answers = {row["id"]: row["answer"] for row in rows}
+        correct = [answers[r["id"]].strip() == r["caption"] for r in records]
+        results["riddle_answer_accuracy"] = sum(correct) / len(correct)
+        results["riddle_answers"] = answers
+        grids += write_category_grids(records, out / "knowledge_plain", out / "grids", "knowledge_plain")
+        grids += write_category_grids(records, out / "knowledge_reasoning", out / "grids", "knowledge_reasoning")
+        log("Knowledge riddles without reasoning:\n" + format_table(results["knowledge_without_reasoning"]))
+        log("Knowledge riddles with reasoning:\n" + format_table(results["knowledge_with_reasoning"]))
+
+    if edits:
+        records = limit_per_category(load_prompts(eval_dir / "edit.jsonl"), per_category)
+        results["edit"] = _edit_and_score(star, records, eval_dir / "edit_source", out / "edit", sampler, options,
+                                          batch_size, seed)
+        grids += write_category_grids(records, out / "edit", out / "grids", "edit")
+        log("Edits:\n" + format_table(results["edit"]))
+
+    results["grids"] = grids
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    log(f"wrote {out / 'results.json'}")
+    return results
+
+
+def main(argv: list[str]) -> int:
+    """``python -m lit_star eval shapes --ckpt ...``: generate the eval sets, then score them."""
+    import argparse
+
+    from lit_star.commands.generate import add_model_args, add_sampler_args, decode_options_from_args, load_from_args, sampler_from_args
+
+    parser = argparse.ArgumentParser(prog="python -m lit_star eval shapes --ckpt", description=__doc__.split("\n\n")[0])
+    add_model_args(parser)
+    add_sampler_args(parser)
+    parser.add_argument("--world", required=True, help="Shapes world directory (its eval/ folder is used)")
+    parser.add_argument("--out", required=True, help="output folder for images, grids and results.json")
+    parser.add_argument("--edits", action="store_true", help="also run the edit set (needs an edit-trained stack)")
+    parser.add_argument("--no-knowledge", action="store_true", help="skip the riddle sets (with/without reasoning)")
+    parser.add_argument("--per-category", type=int, help="only the first N prompts of each category (smoke runs)")
+    args = parser.parse_args(argv)
+    star = load_from_args(args)
+    evaluate_on_shapes(
+        star, args.world, args.out, sampler_from_args(args), decode_options_from_args(args), args.batch_size, args.seed,
+        edits=args.edits, knowledge=not args.no_knowledge, per_category=args.per_category,
+    )
+    return 0
