@@ -11,7 +11,7 @@ def dispatch(group: str, table: dict[str, tuple[str, str]], argv: list[str]) -> 
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: python -m lit_star {group} <name> [options]\n\n{group} jobs:")
         for name, (text, _) in table.items():
-            print(f"  {name:<14}{text}")
+            print(f"  {name:<16}{text}")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in table:

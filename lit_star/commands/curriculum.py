@@ -90,5 +90,67 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--only", nargs="*", help="run only these step names")
     args = parser.parse_args(argv)
     config = load_curriculum(args.configs, args.run_dir)
-    run_curriculum(config, args.only)
+    timings = run_curriculum(config, args.only)
+    report = write_report(config, timings)
+    print(f"[curriculum] report: {report}")
     return 0
+
+
+def _load_json(path: str | None) -> dict | None:
+    if path and Path(path).is_file():
+        return json.loads(Path(path).read_text())
+    return None
+
+
+def _score_table(results: dict[str, dict]) -> list[str]:
+    """One markdown table: categories as rows, one column per scored set."""
+    names = list(results)
+    categories = sorted({c for r in results.values() for c in r["categories"]})
+    lines = ["| category | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for category in [*categories, "overall"]:
+        cells = []
+        for result in results.values():
+            value = result["overall"] if category == "overall" else result["categories"].get(category)
+            cells.append("-" if value is None else f"{value:.3f}")
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
+    """``<run_dir>/report.md``: wall time per step, understanding before/after, ShapesEval, grids."""
+    run_dir = Path(config.run_dir)
+    sources = config.get("report", {})
+    lines = ["# Shapes curriculum report", "", f"Run directory: `{run_dir}`", "", "## Wall time per step", "",
+             "| step | seconds |", "|---|---|"]
+    for name, timing in timings.items():
+        lines.append(f"| {name} | {timing['seconds']:.0f} |")
+    lines.append(f"| **total** | {sum(t['seconds'] for t in timings.values()):.0f} |")
+
+    before, after = _load_json(sources.get("understanding_before")), _load_json(sources.get("understanding_after"))
+    if before and after:
+        identical = before["answers"] == after["answers"]
+        lines += ["", "## Understanding before and after stage 2", "",
+                  "| | VQA accuracy | riddle accuracy |", "|---|---|---|",
+                  f"| stage 0 base | {before['vqa_accuracy']:.4f} | {before['riddle_accuracy']:.4f} |",
+                  f"| base inside stage 2 | {after['vqa_accuracy']:.4f} | {after['riddle_accuracy']:.4f} |", "",
+                  f"Every answer identical: **{identical}** ({len(after['answers'])} answers compared)."]
+
+    shapes = _load_json(sources.get("shapes_eval"))
+    if shapes:
+        lines += ["", "## ShapesEval", "", f"Sampler: `{json.dumps(shapes['sampler'])}`", ""]
+        sets = {"GenEval-style": shapes["geneval"]}
+        if "knowledge_without_reasoning" in shapes:
+            sets["riddles, no reasoning"] = shapes["knowledge_without_reasoning"]
+            sets["riddles, reasoning"] = shapes["knowledge_with_reasoning"]
+        if "edit" in shapes:
+            sets["edits"] = shapes["edit"]
+        lines += _score_table(sets)
+        if "riddle_answer_accuracy" in shapes:
+            lines += ["", f"The base answered {shapes['riddle_answer_accuracy']:.3f} of the riddles with the right caption."]
+        lines += ["", "## Sample grids", ""]
+        for grid in shapes.get("grids", []):
+            relative = os.path.relpath(grid, run_dir)
+            lines.append(f"**{Path(grid).stem}**  \n![{Path(grid).stem}]({relative})\n")
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -1,9 +1,14 @@
-"""Evaluation jobs: ``python -m lit_star eval shapes --prompts P.jsonl --images DIR``."""
+"""Evaluation jobs.
+
+    python -m lit_star eval shapes --prompts P.jsonl --images DIR
+    python -m lit_star eval understanding --base runs/shapes/stage0_base/hf --world runs/shapes_world
+"""
 
 from lit_star.commands._dispatch import dispatch
 
 EVALS = {
-    "shapes": ("ShapesEval: GenEval-style and edit scoring by colour segmentation.", "lit_star.eval.shapes_eval:main"),
+    "shapes": ("ShapesEval: GenEval-style and edit scoring by colour segmentation (--ckpt: generate first).", "lit_star.eval.shapes_eval:main"),
+    "understanding": ("VQA and riddle accuracy of a base VLM or of the frozen base in a stage 2 checkpoint.", "lit_star.eval.understanding:main"),
 }
 
 

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from lit_star.data.jsonl import read_jsonl
 from lit_star.sampling.decoding import DecodeOptions
 from lit_star.sampling.filtering import REFERENCE_CFG_SCALE, REFERENCE_TOP_K, REFERENCE_TOP_P, SamplerConfig
 from lit_star.sampling.loading import load_star
@@ -87,23 +88,15 @@ def load_from_args(args: argparse.Namespace) -> Star:
 
 def read_prompt_records(path: str | Path) -> list[dict]:
     """``{"prompt": str, "id"?: str, "seed"?: int, ...}`` per line; errors name the file and line."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from err
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-                raise ValueError(f"{path}:{line_no}: needs a non-empty string 'prompt'")
-            if "seed" in record and not isinstance(record["seed"], int):
-                raise ValueError(f"{path}:{line_no}: 'seed' must be an integer, got {record['seed']!r}")
-            records.append(record)
-    if not records:
-        raise ValueError(f"{path}: no prompts")
-    return records
+
+    def check(record: dict) -> str | None:
+        if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+            return "needs a non-empty string 'prompt'"
+        if "seed" in record and not isinstance(record["seed"], int):
+            return f"'seed' must be an integer, got {record['seed']!r}"
+        return None
+
+    return read_jsonl(path, check)
 
 
 def assign_ids_and_seeds(records: list[dict], base_seed: int) -> list[dict]:

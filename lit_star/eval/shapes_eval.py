@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from lit_star.data.jsonl import read_jsonl
 from lit_star.data.shapes_world import (
     BACKGROUNDS, COLORS, EDIT_CATEGORIES, GENEVAL_CATEGORIES, GRID, SHAPES, UNIT_OUTLINES, Scene, draw_shape,
     relations_between,
@@ -375,22 +376,11 @@ def score_edit_pair(meta: Mapping, detection: Detection) -> tuple[bool, bool, st
 
 
 def load_prompts(path: str | Path) -> list[dict]:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from err
-            for key in ("id", "category"):
-                if key not in record:
-                    raise ValueError(f"{path}:{line_no}: record lacks {key!r}")
-            records.append(record)
-    if not records:
-        raise ValueError(f"{path}: no prompts")
-    return records
+    def check(record: dict) -> str | None:
+        missing = [key for key in ("id", "category") if key not in record]
+        return f"record lacks {missing[0]!r}" if missing else None
+
+    return read_jsonl(path, check)
 
 
 def _find_image(images: str | Path | Mapping, prompt_id: str):
