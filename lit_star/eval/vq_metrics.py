@@ -5,7 +5,7 @@ All are ``torchmetrics.Metric`` objects, so they accumulate over a validation ep
 across processes under DDP/FSDP.
 
 The Fréchet distance is torchmetrics' ``FrechetInceptionDistance`` with ``feature=`` set to a
-network loaded from a local TorchScript file; it is logged as ``frechet_<name>`` after the
+network loaded from a local ``torch.export`` file; it is logged as ``frechet_<name>`` after the
 features it uses (it is not FID unless the network is Inception-v3 with its FID weights).
 """
 
@@ -35,10 +35,16 @@ def reconstruction_metrics() -> MetricCollection:
     )
 
 
-class TorchScriptFeatures(nn.Module):
-    """A frozen feature network from a local TorchScript file: [0, 1] B x 3 x H x W -> B x F.
+class ExportedFeatures(nn.Module):
+    """A frozen feature network from a local ``torch.export`` file (``.pt2``): [0, 1] B x 3 x H x W -> B x F.
 
-    ``input_size`` resizes inputs (bilinear, antialiased) to what the network was exported for.
+    Any network becomes pluggable by exporting it once with a dynamic batch dimension::
+
+        batch = torch.export.Dim("batch")
+        program = torch.export.export(net.eval(), (torch.rand(2, 3, 224, 224),), dynamic_shapes=({0: batch},))
+        torch.export.save(program, "efficientnet_lite0_features.pt2")
+
+    ``input_size`` resizes inputs (bilinear, antialiased) to the size the network was exported for.
     """
 
     def __init__(self, path: str | Path, input_size: int | None = None) -> None:
@@ -46,11 +52,13 @@ class TorchScriptFeatures(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Fréchet feature network not found: {path}")
-        self.net = torch.jit.load(str(path), map_location="cpu").eval()
-        self.net.requires_grad_(False)
+        self.net = torch.export.load(str(path)).module()
+        for parameter in self.net.parameters():
+            parameter.requires_grad_(False)
         self.input_size = input_size
 
-    def train(self, mode: bool = True) -> TorchScriptFeatures:
+    def train(self, mode: bool = True) -> ExportedFeatures:
+        # Exported programs have no train/eval switch; this module is always in inference mode.
         return super().train(False)
 
     @torch.no_grad()
@@ -60,10 +68,7 @@ class TorchScriptFeatures(nn.Module):
             images = nn.functional.interpolate(
                 images, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False
             )
-        features = self.net(images)
-        if features.dim() != 2:
-            features = features.flatten(1)
-        return features
+        return self.net(images).flatten(1)
 
 
 def frechet_distance(features: nn.Module, input_size: int = 64) -> FrechetInceptionDistance:

@@ -115,11 +115,11 @@ class LPIPS(nn.Module):
             raise KeyError(f"{backbone_path}: no 'features.*' keys; expected a torchvision VGG16 state dict")
         widths = tuple(int(feature_keys[f"features.{i}.weight"].shape[0]) for i in (2, 7, 14, 21, 28))
         model = cls(widths)
-        wanted = {f"features.{k}": v for k, v in model.net.features.state_dict().items()}
+        wanted = model.net.state_dict().keys()
         missing = sorted(set(wanted) - set(feature_keys))
         if missing:
             raise KeyError(f"{backbone_path}: missing VGG16 keys {missing[:4]}{'...' if len(missing) > 4 else ''}")
-        model.net.load_state_dict({k[len("features."):]: feature_keys[k] for k in wanted}, strict=True)
+        model.net.load_state_dict({k: feature_keys[k] for k in wanted}, strict=True)
         head_keys = {k: v for k, v in heads.items() if k.startswith("lin")}
         expected = {k for k in model.state_dict() if k.startswith("lin")}
         if set(head_keys) != expected:

@@ -1,0 +1,216 @@
+"""Pre-tokenize image shards with a trained VQ (stage 1 -> stage 2), resumably.
+
+    python -m lit_star tokenize --vq runs/shapes_vq/checkpoints/last.ckpt \\
+        --shards 'runs/shapes_world/t2i/train-*.tar' --out runs/shapes_world_codes/t2i
+
+Every input shard ``NAME.tar`` becomes ``OUT/NAME.tar`` with the same members plus, per image member
+``<prefix>png`` (``png``, ``source.png``, ``target.png``, ...), the codes ``<prefix>codes.npy``
+(h x w, int16, or int32 when the codebook has more than 32,767 codes) and one ``codes_shape.json``
+(``{"<prefix>codes.npy": [h, w], ...}``). Shards are written to a temporary file and renamed when
+complete, so a rerun skips every finished shard and redoes only the interrupted one.
+
+``--vq`` accepts a ``VQModule`` Lightning checkpoint (EMA weights when present), a directory written
+by ``VQModel.save_pretrained``, or a reference-layout ``VQ-Model.pt`` (give ``--flavour``).
+Unreadable images are skipped, counted and named; the run fails past ``--max-skip-fraction``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from tqdm import tqdm
+
+from lit_star.data.images import decode_image, resize_center_crop, rgb_to_tensor
+from lit_star.models.vq import VQModel
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+CODES_SHAPE_KEY = "codes_shape.json"
+INT16_MAX_CODES = 32767
+
+
+def codes_dtype(codebook_size: int) -> np.dtype:
+    """Smallest signed dtype torch loads well (no uint16) that holds every code id."""
+    return np.dtype(np.int16) if codebook_size <= INT16_MAX_CODES else np.dtype(np.int32)
+
+
+def load_vq(path: str | Path, flavour: str | None = None, map_location: str = "cpu") -> VQModel:
+    """A VQ ready for encoding from our Lightning checkpoint, a save_pretrained dir or reference weights."""
+    path = Path(path)
+    if path.is_file() and flavour is None:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        if isinstance(checkpoint, dict) and "hyper_parameters" in checkpoint and "state_dict" in checkpoint:
+            return _vq_from_lightning_checkpoint(checkpoint, str(path))
+        raise ValueError(
+            f"{path} is not a VQModule Lightning checkpoint; for reference-layout weights pass --flavour "
+            "(e.g. star-vq)"
+        )
+    model = VQModel.from_pretrained(path, flavour, map_location=map_location)
+    return model.eval()
+
+
+def _vq_from_lightning_checkpoint(checkpoint: dict, source: str) -> VQModel:
+    from lit_star.modules.vq_module import build_vq
+
+    hparams = checkpoint["hyper_parameters"]
+    if "flavour" not in hparams:
+        raise KeyError(f"{source}: hyper_parameters have no 'flavour'; not a VQModule checkpoint")
+    state = checkpoint["state_dict"]
+    prefix = "ema_vq.module." if any(k.startswith("ema_vq.module.") for k in state) else "vq."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not weights:
+        raise KeyError(f"{source}: no '{prefix}*' weights in its state_dict")
+    model = build_vq(hparams["flavour"], hparams.get("vq_overrides"))
+    model.load_state_dict(weights, strict=True)
+    log.info("loaded %s weights (%s) from %s", "EMA" if prefix.startswith("ema") else "trained", hparams["flavour"], source)
+    # Encoding with a folded codebook gives the same codes and skips the projector on every batch.
+    model.fold_codebook_projector()
+    return model.eval()
+
+
+def image_members(sample: dict) -> list[str]:
+    """Image member names of a raw webdataset sample (``png``, ``source.png``, ...), sorted."""
+    return sorted(k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
+
+
+def codes_member(image_member: str) -> str:
+    stem = image_member.rsplit(".", 1)[0] if "." in image_member else ""
+    return f"{stem}.codes.npy" if stem else "codes.npy"
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+class ShardTokenizer:
+    """Encodes the images of one shard at a time and writes the augmented shard atomically."""
+
+    def __init__(self, vq: VQModel, device: torch.device, batch_size: int, resolution: int | None) -> None:
+        self.vq = vq.to(device).eval()
+        self.device = device
+        self.batch_size = batch_size
+        self.resolution = resolution
+        self.dtype = codes_dtype(vq.config.codebook_size)
+        self.seen = 0
+        self.skipped = 0
+
+    def _pixels(self, data: bytes) -> torch.Tensor:
+        image = decode_image(data)
+        if self.resolution is not None:
+            image = resize_center_crop(image, self.resolution)
+        return rgb_to_tensor(image)
+
+    @torch.no_grad()
+    def _encode(self, pixels: list[torch.Tensor]) -> list[np.ndarray]:
+        """Codes for each image, batching images of equal size together."""
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, tensor in enumerate(pixels):
+            by_shape.setdefault(tuple(tensor.shape), []).append(index)
+        codes: list[np.ndarray] = [np.empty(0)] * len(pixels)
+        for indices in by_shape.values():
+            batch = torch.stack([pixels[i] for i in indices]).to(self.device)
+            for i, grid in zip(indices, self.vq.encode_to_codes(batch).cpu().numpy()):
+                codes[i] = grid.astype(self.dtype)
+        return codes
+
+    def _flush(self, pending: list[dict], writer: wds.TarWriter) -> None:
+        jobs = [(n, member) for n, sample in enumerate(pending) for member in image_members(sample)]
+        encoded = self._encode([pending[n]["__pixels__"][member] for n, member in jobs]) if jobs else []
+        for (n, member), grid in zip(jobs, encoded):
+            pending[n][codes_member(member)] = encode_npy(grid)
+            pending[n].setdefault("__shapes__", {})[codes_member(member)] = list(grid.shape)
+        for sample in pending:
+            shapes = sample.pop("__shapes__", {})
+            sample.pop("__pixels__")
+            sample[CODES_SHAPE_KEY] = json.dumps(shapes).encode()
+            writer.write(sample)
+        pending.clear()
+
+    def tokenize_shard(self, source: Path, target: Path) -> int:
+        """Write ``target`` (via a temporary file); returns the number of samples written."""
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        written = 0
+        dataset = wds.WebDataset(str(source), shardshuffle=False, handler=wds.handlers.reraise_exception, empty_check=False)
+        try:
+            with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False) as writer:
+                pending: list[dict] = []
+                for raw in dataset:
+                    sample = {k: v for k, v in raw.items() if k not in ("__url__", "__local_path__")}
+                    self.seen += 1
+                    members = image_members(sample)
+                    try:
+                        sample["__pixels__"] = {m: self._pixels(sample[m]) for m in members}
+                    except Exception as error:  # noqa: BLE001 - any undecodable image is skipped and named
+                        self.skipped += 1
+                        log.warning("skipped shard=%s key=%s reason=%s", source, sample.get("__key__"), error)
+                        continue
+                    pending.append(sample)
+                    written += 1
+                    if len(pending) >= self.batch_size:
+                        self._flush(pending, writer)
+                self._flush(pending, writer)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return written
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lit_star tokenize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vq", required=True, help="VQModule .ckpt, save_pretrained dir, or reference VQ-Model.pt")
+    parser.add_argument("--flavour", default=None, help="VQ flavour of a reference-layout .pt (e.g. star-vq)")
+    parser.add_argument("--shards", required=True, help="input shard glob, quoted: 'DIR/t2i/train-*.tar'")
+    parser.add_argument("--out", required=True, help="output directory (shard names are kept)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--resolution", type=int, default=None, help="resize + centre-crop first (default: native)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--max-skip-fraction", type=float, default=0.01)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    shards = sorted(Path(p) for p in glob.glob(args.shards))
+    if not shards:
+        print(f"tokenize: no shards match {args.shards!r}", file=sys.stderr)
+        return 2
+    names = [s.name for s in shards]
+    if len(set(names)) != len(names):
+        print(f"tokenize: --shards matches several files with the same name; narrow {args.shards!r}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in shards if not (out / s.name).exists()]
+    print(f"tokenize: {len(shards)} shards, {len(shards) - len(todo)} already done, {len(todo)} to encode -> {out}")
+    if not todo:
+        return 0
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    tokenizer = ShardTokenizer(load_vq(args.vq, args.flavour), device, args.batch_size, args.resolution)
+    with tqdm(todo, unit="shard", desc="tokenize") as progress:
+        for shard in progress:
+            written = tokenizer.tokenize_shard(shard, out / shard.name)
+            progress.set_postfix(samples=tokenizer.seen, skipped=tokenizer.skipped, last=f"{shard.name}:{written}")
+            if tokenizer.seen and tokenizer.skipped / tokenizer.seen > args.max_skip_fraction:
+                print(
+                    f"tokenize: {tokenizer.skipped}/{tokenizer.seen} samples unreadable (> {args.max_skip_fraction:.2%}); "
+                    "see the warnings above for shards and keys",
+                    file=sys.stderr,
+                )
+                return 1
+    print(f"tokenize: encoded {tokenizer.seen - tokenizer.skipped} samples, skipped {tokenizer.skipped}")
+    return 0
