@@ -1,0 +1,481 @@
+"""Stage 2: train the stacked AR layers on text-to-image next-token prediction over a frozen base.
+
+    python -m lit_star fit --config recipes/shapes/stage2_stacked_ar.yaml --config recipes/trainer/cpu.yaml
+    python -m lit_star fit --config recipes/stage2_stacked_ar/star_3b.yaml --config recipes/trainer/fsdp.yaml
+    python -m lit_star fit --config recipes/stage2_stacked_ar/star_3b.yaml \\
+        --config recipes/stage2_stacked_ar/ablations/layers_8.yaml --config recipes/trainer/fsdp.yaml
+    python -m lit_star fit --config recipes/shapes/stage2_stacked_ar.yaml --ckpt_path last      # resume
+
+Each training batch (image + caption, or pre-tokenized ``codes`` + caption, SCHEMA.md) becomes the
+reference's text-to-image sequences (:class:`~lit_star.models.sequence_layout.SequenceLayout`): chat
+template, assistant header, ``<|vision_start|>``, image codes; with probability ``cfg_dropout`` a sample
+becomes the reference's unconditional row. The loss is cross-entropy on image-token positions only,
+computed in chunks (:func:`~lit_star.models.ar_loss.chunked_cross_entropy`).
+
+What is frozen, and how that is kept honest:
+
+* the base VLM (``model.stacked_ar.base``) and the VQ (``vq``) have ``requires_grad=False`` and stay in
+  eval mode; gradients still flow *through* the base to the generation adapter;
+* a SHA-256 checksum of each is recorded when it is loaded and recomputed at every checkpoint save; a
+  mismatch raises :class:`FrozenWeightsChangedError` instead of writing the checkpoint;
+* checkpoints hold only the trainable weights (stack, adapter, pixel head), the optimizer and both
+  checksums. The frozen weights are re-read from ``base_path`` / ``vq_path`` on resume, and
+  ``on_load_checkpoint`` refuses a checkpoint whose recorded checksums differ from what was loaded, so a
+  resumed run computes exactly what the uninterrupted one would have (a 3B base is not copied into every
+  checkpoint, and a DCP checkpoint under FSDP2 does not shard it either).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+from lit_star.distributed.plans import enable_activation_checkpointing, fully_shard_units
+from lit_star.models.ar_loss import DEFAULT_CHUNK_SIZE
+from lit_star.models.base_vlm import (
+    decoder_layers,
+    embed_tokens,
+    language_model,
+    lm_head,
+    load_base_vlm,
+    vision_tower,
+)
+from lit_star.models.sequence_layout import (
+    IGNORE_INDEX,
+    SequenceBatch,
+    SequenceLayout,
+    collate_packed,
+    collate_padded,
+)
+from lit_star.models.stacked_ar import (
+    STACKED_AR_CONFIG,
+    STACKED_AR_WEIGHTS,
+    StackedAR,
+    StackInit,
+    base_state_checksum,
+)
+from lit_star.models.vq import CONFIG_FILE as VQ_CONFIG_FILE
+from lit_star.models.vq import VQConfig, VQModel, vq_config
+
+ActivationCheckpointing = Literal["base", "stack"]
+# State-dict prefixes of the frozen parts; they never enter a checkpoint (see the module docstring).
+FROZEN_STATE_PREFIXES = ("model.stacked_ar.base.", "vq.")
+FROZEN_CHECKSUMS_KEY = "frozen_checksums"
+
+
+class FrozenWeightsChangedError(RuntimeError):
+    """A frozen module's weights differ from what was loaded (or from what a checkpoint was trained on)."""
+
+
+class TextToImageObjective(nn.Module):
+    """Laid-out batch -> mean image-token cross-entropy, in one ``forward``.
+
+    Embedding, the frozen base, the stack and the chunked head all run inside this call, so that under
+    FSDP2 this module is the root whose hooks enclose every sharded unit (FSDP2 requires the first
+    forward of an iteration to go through the root).
+    """
+
+    def __init__(self, stacked_ar: StackedAR) -> None:
+        super().__init__()
+        self.stacked_ar = stacked_ar
+
+    def forward(
+        self, batch: SequenceBatch, code_vectors: torch.Tensor, predict_rows: int = 0
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Loss, plus the teacher-forced argmax codes of the first ``predict_rows`` rows (for sample grids)."""
+        model = self.stacked_ar
+        embeds = model.embed_inputs(
+            batch.input_ids, batch.code_mask, code_vectors, batch.pixel_values, batch.image_grid_thw
+        )
+        hidden = model(embeds, batch.position_ids, batch.attention_mask)
+        loss = model.image_token_loss(hidden, batch.labels)
+        predictions = []
+        with torch.no_grad():
+            for row in range(min(predict_rows, hidden.shape[0])):
+                states = hidden[row][batch.labels[row] != IGNORE_INDEX]
+                chunks = states.split(model.pixel_head.chunk_size)
+                predictions.append(torch.cat([model.logits(chunk).argmax(-1) for chunk in chunks]))
+        return loss, predictions
+
+
+class StackedARModule(LightningModule):
+    """Stage 2 LightningModule: :class:`~lit_star.models.stacked_ar.StackedAR` trained on text-to-image.
+
+    Args:
+        base_path: local Hugging Face Qwen2.5-VL directory (a released 3B/7B one, or the stage 0 export);
+            its tokenizer and chat template lay out the sequences.
+        vq_path: the frozen VQ: a ``VQModule`` Lightning checkpoint, a ``VQModel.save_pretrained``
+            directory, or a reference ``VQ-Model.pt`` (then set ``vq_flavour``).
+        vq_flavour: ``lit_star.models.vq.VQ_FLAVOURS`` name for a reference-layout VQ file.
+        num_stack_layers: N stacked decoder layers (16 for STAR-3B, 14 for STAR-7B).
+        adapter_depth: Linear layers in the generation adapter (2 for STAR-3B, 4 for STAR-7B).
+        stack_init: ``vlm`` (copies of the base's last N layers), ``llm`` (from ``llm_path``) or ``rand``.
+        llm_path: text-only Hugging Face checkpoint with the base's layer architecture (``stack_init: llm``).
+        init_from: optional ``save_stacked_ar`` directory (e.g. ``python -m lit_star import-reference``
+            output for STAR-3B/7B) whose trainable weights replace the initialisation, to fine-tune a
+            released model. Its recorded base checksum must match ``base_path``.
+        base_dtype: dtype the base is loaded in (``bfloat16`` for the real 3B/7B); the trainable modules
+            are fp32 (master weights) whatever it is.
+        cfg_dropout: probability that a training sample becomes the unconditional (CFG) row.
+        packed_row_length: pack samples into rows of this many tokens (no padding); ``None`` pads.
+        loss_chunk_size: positions whose codebook logits exist at once in the loss.
+        learning_rate / betas / weight_decay / warmup_steps: AdamW at a constant rate after a linear
+            warm-up of ``warmup_steps`` optimizer steps (0: none). The paper gives AdamW, lr 1e-3, constant;
+            betas (0.9, 0.95) and no weight decay are LlamaGen's AR settings (the paper states none).
+        global_batch_size: if set, fit refuses to start unless batch size x devices x nodes x gradient
+            accumulation equals it (4096 in the paper's stage 2).
+        activation_checkpointing: recompute the decoder layers of the ``base`` and/or the ``stack`` in
+            backward instead of storing their activations.
+        log_images: validation samples whose ground truth and teacher-forced argmax codes are decoded by
+            the VQ and shown in TensorBoard (0: none).
+        seed: seeds the per-sample CFG dropout draws together with the epoch and the sample key, so the
+            same sample gets the same draw on any number of devices and after a resume.
+    """
+
+    def __init__(
+        self,
+        base_path: str,
+        vq_path: str,
+        vq_flavour: str | None = None,
+        num_stack_layers: int = 16,
+        adapter_depth: int = 2,
+        stack_init: StackInit = "vlm",
+        llm_path: str | None = None,
+        init_from: str | None = None,
+        base_dtype: str = "float32",
+        cfg_dropout: float = 0.1,
+        packed_row_length: int | None = None,
+        loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
+        learning_rate: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        global_batch_size: int | None = None,
+        activation_checkpointing: Sequence[ActivationCheckpointing] = (),
+        log_images: int = 4,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        unknown = sorted(set(activation_checkpointing) - {"base", "stack"})
+        if unknown:
+            raise ValueError(f"activation_checkpointing takes 'base' and/or 'stack', got {unknown}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.save_hyperparameters()
+        self.model: TextToImageObjective | None = None
+        self.vq: VQModel | None = None
+        self.frozen_checksums: dict[str, str] = {}
+        self._layout: SequenceLayout | None = None
+        # Validation accumulators, reset at each validation epoch start.
+        self._val_loss_sum: torch.Tensor | None = None
+        self._val_loss_count = 0
+        self._val_code_counts: torch.Tensor | None = None
+        # Checkpoints and state_dict() leave the frozen weights out; loading then does not miss them.
+        self.register_state_dict_post_hook(_drop_frozen_state)
+        self.register_load_state_dict_post_hook(_ignore_missing_frozen_state)
+
+    # ---- model construction -------------------------------------------------------------------
+
+    @property
+    def stacked_ar(self) -> StackedAR:
+        if self.model is None:
+            raise RuntimeError("the model is built in configure_model(); run through a Trainer or call it first")
+        return self.model.stacked_ar
+
+    def configure_model(self) -> None:
+        """Load (or, under a meta-device context, only build) base, stack and VQ; then apply the plans.
+
+        Under ``torch.device("meta")`` (Lightning's empty init, or parameter counting) the architecture is
+        built from the configs in ``base_path`` / the VQ flavour without reading any weights.
+        """
+        if self.model is not None:
+            return
+        hp = self.hparams
+        empty = torch.get_default_device().type == "meta"
+        base = _empty_base(hp.base_path, hp.base_dtype) if empty else load_base_vlm(hp.base_path, dtype=hp.base_dtype)
+        self.vq = _empty_vq(hp.vq_path, hp.vq_flavour) if empty else _load_frozen_vq(hp.vq_path, hp.vq_flavour)
+        self.vq.requires_grad_(False).eval()
+        if not empty:
+            # Before anything can touch them: this is "what was loaded".
+            self.frozen_checksums = {"base": base_state_checksum(base), "vq": base_state_checksum(self.vq)}
+        stacked_ar = StackedAR(
+            base,
+            num_stack_layers=hp.num_stack_layers,
+            adapter_depth=hp.adapter_depth,
+            codebook_size=self.vq.config.codebook_size,
+            codebook_dim=self.vq.config.codebook_embed_dim,
+            stack_init=hp.stack_init,
+            llm_path=hp.llm_path,
+            dtype=torch.float32,
+        )
+        stacked_ar.pixel_head.chunk_size = hp.loss_chunk_size
+        if hp.init_from is not None and not empty:
+            self._load_trainable_weights(stacked_ar, Path(hp.init_from))
+        self.model = TextToImageObjective(stacked_ar)
+        rank_zero_info(
+            f"stage 2 parameters: stack ({hp.num_stack_layers} layers, {hp.stack_init} init) "
+            f"{_count(stacked_ar.stack):,}, adapter {_count(stacked_ar.adapter):,}, "
+            f"pixel head {_count(stacked_ar.pixel_head):,}, frozen base {_count(base):,}"
+        )
+        self._apply_parallelism_plan()
+
+    def _apply_parallelism_plan(self) -> None:
+        """Activation checkpointing first, then (under ``ModelParallelStrategy``) FSDP2 sharding."""
+        stacked_ar = self.stacked_ar
+        checkpointed = []
+        if "base" in self.hparams.activation_checkpointing:
+            checkpointed += list(decoder_layers(stacked_ar.base))
+        if "stack" in self.hparams.activation_checkpointing:
+            checkpointed += list(stacked_ar.stack.layers)
+        if checkpointed:
+            enable_activation_checkpointing(checkpointed)
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        base = stacked_ar.base
+        units = [
+            *decoder_layers(base),
+            *stacked_ar.stack.layers,
+            vision_tower(base),
+            embed_tokens(base),
+            language_model(base),
+            base.model,
+            lm_head(base),
+            stacked_ar.stack,
+            stacked_ar.adapter,
+            stacked_ar.pixel_head,
+        ]
+        count = fully_shard_units(self.model, units, mesh)
+        rank_zero_info(f"stage 2: FSDP2 over {mesh.size()} ranks, {count} units + root")
+
+    def _load_trainable_weights(self, stacked_ar: StackedAR, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        config_file, weights_file = directory / STACKED_AR_CONFIG, directory / STACKED_AR_WEIGHTS
+        for path in (config_file, weights_file):
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"init_from: {path} not found (write it with save_stacked_ar or python -m lit_star import-reference)"
+                )
+        config = json.loads(config_file.read_text())
+        if config["base_checksum"] != self.frozen_checksums["base"]:
+            raise FrozenWeightsChangedError(
+                f"init_from: {directory} was trained on a base with checksum {config['base_checksum'][:16]}..., "
+                f"{self.hparams.base_path} has {self.frozen_checksums['base'][:16]}..."
+            )
+        stacked_ar.load_trainable_state_dict(load_file(str(weights_file)))
+        rank_zero_info(f"stage 2: trainable weights initialised from {directory}")
+
+    def train(self, mode: bool = True) -> StackedARModule:
+        super().train(mode)
+        if self.vq is not None:
+            self.vq.eval()  # frozen; StackedAR.train keeps its base in eval itself
+        return self
+
+    @property
+    def layout(self) -> SequenceLayout:
+        if self._layout is None:
+            tokenizer = AutoTokenizer.from_pretrained(self.hparams.base_path, local_files_only=True)
+            self._layout = SequenceLayout(tokenizer, self.stacked_ar.base.config, cfg_dropout=self.hparams.cfg_dropout)
+        return self._layout
+
+    # ---- batches ------------------------------------------------------------------------------
+
+    def batch_codes(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """B x h x w codes: the pre-tokenized ``codes`` if present, else the frozen VQ's encoding of ``image``."""
+        if "codes" in batch:
+            return batch["codes"].long()
+        if "image" not in batch:
+            raise KeyError(f"a text-to-image batch needs 'codes' or 'image'; got keys {sorted(batch)}")
+        with torch.no_grad():
+            return self.vq.encode_to_codes(batch["image"].to(self.device, torch.float32))
+
+    def layout_batch(self, batch: Mapping[str, Any], codes: torch.Tensor, cfg_dropout: bool) -> SequenceBatch:
+        """Text-to-image sequences of ``batch`` (captions) and ``codes``, collated, on this device."""
+        for key in ("caption", "__key__"):
+            if key not in batch:
+                raise KeyError(f"a text-to-image batch needs {key!r}; got keys {sorted(batch)}")
+        layout = self.layout
+        samples = []
+        for caption, sample_key, sample_codes in zip(batch["caption"], batch["__key__"], codes.cpu()):
+            unconditional = cfg_dropout and layout.draw_unconditional(self._sample_rng(sample_key))
+            samples.append(layout.text_to_image(caption, sample_codes, unconditional=unconditional))
+        pad = layout.special.pad
+        if self.hparams.packed_row_length is None:
+            collated = collate_padded(samples, pad)
+        else:
+            collated = collate_packed(samples, self.hparams.packed_row_length, pad)
+        return collated.to(self.device)
+
+    def _sample_rng(self, sample_key: str) -> random.Random:
+        # String seeds are hashed deterministically (unlike hash()), across processes and runs.
+        return random.Random(f"{self.hparams.seed}:{self.current_epoch}:{sample_key}")
+
+    def _code_vectors(self, code_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.vq.codebook_vectors(code_ids.to(self.device))
+
+    # ---- steps --------------------------------------------------------------------------------
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        sequences = self.layout_batch(batch, self.batch_codes(batch), cfg_dropout=True)
+        loss, _ = self.model(sequences, self._code_vectors(sequences.code_ids))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_loss_count = 0
+        self._val_code_counts = torch.zeros(self.stacked_ar.codebook_size, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        codes = self.batch_codes(batch)
+        sequences = self.layout_batch(batch, codes, cfg_dropout=False)
+        show = self.hparams.log_images if batch_idx == 0 else 0
+        loss, predictions = self.model(sequences, self._code_vectors(sequences.code_ids), predict_rows=show)
+        targets = sequences.labels[sequences.labels != IGNORE_INDEX]
+        self._val_loss_sum += loss.double() * targets.numel()
+        self._val_loss_count += targets.numel()
+        self._val_code_counts += torch.bincount(targets, minlength=self._val_code_counts.numel()).double()
+        if predictions:
+            shown = codes[: len(predictions)]
+            self._log_sample_grid(shown, torch.stack(predictions).view_as(shown))
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_loss_count == 0:
+            return
+        reduce = self.trainer.strategy.reduce
+        loss_sum = reduce(self._val_loss_sum, reduce_op="sum")
+        count = reduce(torch.tensor(float(self._val_loss_count), device=self.device), reduce_op="sum")
+        counts = reduce(self._val_code_counts, reduce_op="sum")
+        self.log("val/loss", (loss_sum / count).float(), prog_bar=True, sync_dist=False)
+        # The loss of the best context-free predictor of these codes: the bar the model has to clear.
+        self.log("val/code_unigram_entropy", unigram_entropy(counts).float(), sync_dist=False)
+
+    def _log_sample_grid(self, codes: torch.Tensor, predicted: torch.Tensor) -> None:
+        """Top row: VQ decode of the true codes; bottom row: of the teacher-forced argmax predictions."""
+        from lit_star.modules.vq_module import image_grid
+
+        experiment = getattr(self.logger, "experiment", None)
+        if not (self.trainer.is_global_zero and hasattr(experiment, "add_image")):
+            return
+        with torch.no_grad():
+            grid = image_grid([self.vq.decode_codes(codes), self.vq.decode_codes(predicted)])
+        experiment.add_image("val/true_vs_teacher_forced_codes", grid, self.global_step)
+
+    # ---- optimisation -------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        expected = self.hparams.global_batch_size
+        datamodule = getattr(self.trainer, "datamodule", None)
+        micro = getattr(datamodule, "batch_size", None)
+        if expected is None or micro is None:
+            return
+        actual = micro * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        if actual != expected:
+            raise ValueError(
+                f"global batch {actual} = data batch_size {micro} x {self.trainer.world_size} processes x "
+                f"accumulate_grad_batches {self.trainer.accumulate_grad_batches}, but global_batch_size is "
+                f"{expected}; adjust trainer.accumulate_grad_batches or data.init_args.batch_size"
+            )
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            trainable,
+            lr=self.hparams.learning_rate,
+            betas=tuple(self.hparams.betas),
+            weight_decay=self.hparams.weight_decay,
+        )
+        warmup = self.hparams.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def verify_frozen_weights(self) -> None:
+        """Recompute the frozen checksums; raise if either differs from the one recorded at load.
+
+        Under FSDP2 the sharded base is gathered tensor by tensor, so every rank must call this together.
+        """
+        current = {"base": base_state_checksum(self.stacked_ar.base), "vq": base_state_checksum(self.vq)}
+        changed = [name for name in current if current[name] != self.frozen_checksums[name]]
+        if changed:
+            raise FrozenWeightsChangedError(
+                f"frozen {', '.join(changed)} weights changed since they were loaded "
+                f"({', '.join(f'{n}: {self.frozen_checksums[n][:16]}... -> {current[n][:16]}...' for n in changed)}); "
+                "refusing to save a checkpoint of a run whose frozen weights were modified"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.verify_frozen_weights()
+        checkpoint[FROZEN_CHECKSUMS_KEY] = dict(self.frozen_checksums)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        recorded = checkpoint.get(FROZEN_CHECKSUMS_KEY)
+        if recorded is None:
+            raise KeyError(f"checkpoint has no {FROZEN_CHECKSUMS_KEY!r}: not a StackedARModule checkpoint")
+        changed = [name for name in ("base", "vq") if recorded.get(name) != self.frozen_checksums.get(name)]
+        if changed:
+            paths = {"base": self.hparams.base_path, "vq": self.hparams.vq_path}
+            raise FrozenWeightsChangedError(
+                "the checkpoint was trained on different frozen weights than "
+                + ", ".join(f"{name} at {paths[name]}" for name in changed)
+                + "; point base_path / vq_path at the ones it was trained with"
+            )
+
+
+def unigram_entropy(counts: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the empirical code distribution ``counts``: the cross-entropy of a unigram model."""
+    probabilities = counts[counts > 0] / counts.sum()
+    return -(probabilities * probabilities.log()).sum()
+
+
+def _drop_frozen_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state_dict if k.removeprefix(prefix).startswith(FROZEN_STATE_PREFIXES)]:
+        del state_dict[key]
+
+
+def _ignore_missing_frozen_state(module: nn.Module, incompatible_keys) -> None:
+    frozen = [k for k in incompatible_keys.missing_keys if k.startswith(FROZEN_STATE_PREFIXES)]
+    for key in frozen:
+        incompatible_keys.missing_keys.remove(key)
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _empty_base(base_path: str, dtype: str) -> Qwen2_5_VLForConditionalGeneration:
+    config = AutoConfig.from_pretrained(base_path, local_files_only=True)
+    return Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=getattr(torch, dtype))
+
+
+def _empty_vq(vq_path: str, vq_flavour: str | None) -> VQModel:
+    if vq_flavour is not None:
+        config = vq_config(vq_flavour, codebook_projector=False)
+    elif (Path(vq_path) / VQ_CONFIG_FILE).is_file():
+        config = VQConfig.from_dict(json.loads((Path(vq_path) / VQ_CONFIG_FILE).read_text()))
+    else:
+        raise ValueError(
+            f"an empty (meta) build needs vq_flavour or a VQ directory with {VQ_CONFIG_FILE}; got vq_path={vq_path}"
+        )
+    return VQModel(config)
+
+
+def _load_frozen_vq(vq_path: str, vq_flavour: str | None) -> VQModel:
+    from lit_star.commands.tokenize import load_vq
+
+    return load_vq(vq_path, vq_flavour)
