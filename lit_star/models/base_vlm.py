@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import (
@@ -32,27 +33,29 @@ from lit_star.models.tokenizer import special_token_ids
 class TinyBaseSpec:
     """Sizes of a small Qwen2.5-VL.
 
-    Vision geometry: each merged vision token covers ``patch_size * spatial_merge_size`` pixels per
-    side. Qwen's 14 px patches would turn a 64 px Shapes image into 2x2 tokens (and the processor
-    would resize it to 56 px); 8 px patches with 2x2 merging give a 4x4 grid of 16 tokens at the
-    world's native 64 px, one token per 16 px cell.
+    Vision geometry: each LLM vision token covers ``patch_size * spatial_merge_size`` pixels per
+    side. Qwen's 14 px patches with 2x2 merging would turn a 64 px Shapes image into 2x2 tokens (and
+    the processor would resize it to 56 px). The tiny base uses 16 px patches without merging: a 4x4
+    grid of 16 tokens at the world's native 64 px. 8 px patches with 2x2 merging give the same 16
+    LLM tokens, but the vision tower then runs on 64 patches per image and a training step on one CPU
+    core took twice as long, which the stage 0 budget cannot afford.
     """
 
-    hidden_size: int = 192
-    intermediate_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 384
     num_hidden_layers: int = 4
-    num_attention_heads: int = 6
+    num_attention_heads: int = 4
     num_key_value_heads: int = 2
     rope_theta: float = 10000.0
     max_position_embeddings: int = 2048
-    vision_hidden_size: int = 96
-    vision_intermediate_size: int = 256
+    vision_hidden_size: int = 64
+    vision_intermediate_size: int = 192
     vision_depth: int = 2
-    vision_num_heads: int = 4
-    patch_size: int = 8
-    spatial_merge_size: int = 2
+    vision_num_heads: int = 2
+    patch_size: int = 16
+    spatial_merge_size: int = 1
     temporal_patch_size: int = 2
-    # Pixels per window side for windowed attention; 32 px = 2x2 merged tokens per window.
+    # Pixels per window side for the windowed-attention blocks: 32 px = 2x2 tokens per window.
     window_size: int = 32
     image_size: int = 64
 
@@ -70,7 +73,7 @@ class TinyBaseSpec:
 
 
 TINY_FLAVOURS: dict[str, TinyBaseSpec] = {
-    # The Shapes world base: ~2M parameters, trains to its targets in minutes on one CPU core.
+    # The Shapes world base: ~1.2M parameters (text 4 x 128, vision 2 x 64), stage 0 in minutes on one CPU core.
     "tiny": TinyBaseSpec(),
     # For unit tests: builds and runs a forward pass in milliseconds.
     "micro": TinyBaseSpec(
@@ -83,6 +86,9 @@ TINY_FLAVOURS: dict[str, TinyBaseSpec] = {
         vision_intermediate_size=64,
         vision_depth=2,
         vision_num_heads=2,
+        # Qwen's own geometry (small patches, 2x2 merging), so tests cover the patch merger path.
+        patch_size=8,
+        spatial_merge_size=2,
     ),
 }
 
@@ -160,11 +166,17 @@ def load_base_vlm(path: str | os.PathLike, dtype: torch.dtype | str = torch.floa
 # Processor
 
 
-def build_image_processor(flavour: str | TinyBaseSpec = "tiny") -> Qwen2VLImageProcessorPil:
-    """Qwen2-VL image preprocessing (resize to a multiple of the merged patch, CLIP normalisation, patchify).
+def build_image_processor(
+    flavour: str | TinyBaseSpec = "tiny",
+    image_mean: list[float] | None = None,
+    image_std: list[float] | None = None,
+) -> Qwen2VLImageProcessorPil:
+    """Qwen2-VL image preprocessing (resize to a multiple of the merged patch, normalise, patchify).
 
     ``min_pixels`` is one image of the world's native size, so a ``image_size`` px image is not upscaled,
-    and ``max_pixels`` caps inputs at a 4x larger side.
+    and ``max_pixels`` caps inputs at a 4x larger side. ``image_mean``/``image_std`` default to CLIP's
+    (Qwen's); a from-scratch tower should get its training images' own statistics (see
+    :func:`pixel_statistics`).
     """
     spec = tiny_spec(flavour)
     factor = spec.patch_size * spec.spatial_merge_size
@@ -176,7 +188,22 @@ def build_image_processor(flavour: str | TinyBaseSpec = "tiny") -> Qwen2VLImageP
         temporal_patch_size=spec.temporal_patch_size,
         min_pixels=spec.image_size * spec.image_size,
         max_pixels=16 * spec.image_size * spec.image_size,
+        **({"image_mean": list(image_mean)} if image_mean is not None else {}),
+        **({"image_std": list(image_std)} if image_std is not None else {}),
     )
+
+
+def pixel_statistics(images: list[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] of ``B x 3 x H x W`` batches in [-1, 1].
+
+    Why it matters: under CLIP's statistics a Shapes image is mostly one large constant (the plain
+    background), every vision token of every image looked alike (cosine ~0.94 at init), and the tiny
+    tower collapsed to a constant output; with the world's own statistics it learns within steps.
+    """
+    pixels = torch.cat([batch.detach().float().cpu() for batch in images]).add(1.0).div(2.0)
+    if pixels.ndim != 4 or pixels.shape[1] != 3:
+        raise ValueError(f"expected B x 3 x H x W images, got {tuple(pixels.shape)}")
+    return pixels.mean(dim=(0, 2, 3)).tolist(), pixels.std(dim=(0, 2, 3)).tolist()
 
 
 class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):
@@ -202,6 +229,102 @@ def load_processor(path: str | os.PathLike) -> Qwen2_5_VLImageTextProcessor:
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
     return Qwen2_5_VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+IGNORE_INDEX = -100
+
+
+def images_to_uint8(images: torch.Tensor) -> list[np.ndarray]:
+    """``B x 3 x H x W`` floats in [-1, 1] (the data layer's format) -> HWC uint8 arrays for the processor.
+
+    The processor then does what it does to any photo (resize, CLIP normalisation), so training sees the
+    same pixels as ``understand`` on a PNG.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape B x 3 x H x W, got {tuple(images.shape)}")
+    pixels = ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return list(pixels.permute(0, 2, 3, 1).numpy())
+
+
+def chat_prompts(tokenizer, questions: list[str], with_image: bool) -> list[str]:
+    """Each question as a one-turn user conversation, rendered up to the open assistant turn."""
+    prompts = []
+    for question in questions:
+        content = [{"type": "image"}, {"type": "text", "text": question}] if with_image else question
+        prompts.append(
+            tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        )
+    return prompts
+
+
+def encode_chat(
+    processor: Qwen2_5_VLImageTextProcessor,
+    questions: list[str],
+    images: list[np.ndarray] | None = None,
+    answers: list[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Model inputs for single-turn chats, one optional image each.
+
+    Without ``answers``: left-padded prompts ending in the open assistant turn, ready for ``generate``.
+    With ``answers``: right-padded full conversations plus ``labels`` that are ``-100`` everywhere except
+    the answer tokens and the closing ``<|im_end|>`` (so the model learns to stop).
+    """
+    tokenizer = processor.tokenizer
+    if images is not None and len(images) != len(questions):
+        raise ValueError(f"got {len(images)} images for {len(questions)} questions")
+    prompts = chat_prompts(tokenizer, questions, with_image=images is not None)
+    if answers is None:
+        return dict(processor(text=prompts, images=images, padding=True, padding_side="left", return_tensors="pt"))
+    if len(answers) != len(questions):
+        raise ValueError(f"got {len(answers)} answers for {len(questions)} questions")
+    targets = [answer + "<|im_end|>" for answer in answers]
+    encoded = dict(
+        processor(
+            text=[p + t for p, t in zip(prompts, targets)],
+            images=images,
+            padding=True,
+            padding_side="right",
+            return_tensors="pt",
+        )
+    )
+    input_ids = encoded["input_ids"]
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    lengths = encoded["attention_mask"].sum(dim=1).tolist()
+    target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
+    for row, (length, ids) in enumerate(zip(lengths, target_ids)):
+        start = length - len(ids)
+        # The chat template ends the prompt with a newline, which the pre-tokeniser always splits off,
+        # so the answer tokenises the same alone as inside the conversation; check it anyway.
+        if input_ids[row, start:length].tolist() != ids:
+            raise ValueError(f"answer {answers[row]!r} does not tokenise the same inside the conversation")
+        labels[row, start:length] = input_ids[row, start:length]
+    encoded["labels"] = labels
+    return encoded
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Qwen2_5_VLForConditionalGeneration,
+    processor: Qwen2_5_VLImageTextProcessor,
+    questions: list[str],
+    images: list[np.ndarray] | None = None,
+    max_new_tokens: int = 32,
+) -> list[str]:
+    """Greedy answers of the base to single-turn questions (with one image each, or text only)."""
+    tokenizer = processor.tokenizer
+    inputs = encode_chat(processor, questions, images)
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    output = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def save_base_vlm(model: Qwen2_5_VLForConditionalGeneration, processor: Qwen2_5_VLImageTextProcessor, out_dir: str | os.PathLike) -> Path:

@@ -47,6 +47,7 @@ QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
 EXTRA_SPECIAL_TOKENS = tuple(t for t in QWEN_SPECIAL_TOKENS if t != "<|endoftext|>")
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+CHAT_SCAFFOLD_TEXT = f"system\n{DEFAULT_SYSTEM_PROMPT}\nuser\nassistant\n"
 
 # Qwen2.5-VL conversation format: an implicit default system turn, content given as a string or as a
 # list of {"type": "image"|"video"|"text"} parts, and `add_generation_prompt` opening the assistant turn.
@@ -105,6 +106,9 @@ def train_qwen2_tokenizer(
     corpus = [t for t in texts if t]
     if not corpus:
         raise ValueError("train_qwen2_tokenizer got no non-empty text")
+    # The chat template's own words occur once per conversation; weighting them so keeps the system
+    # prompt a handful of tokens instead of ~30 byte tokens in every training sequence.
+    corpus += [CHAT_SCAFFOLD_TEXT] * len(corpus)
     bpe.train_from_iterator(corpus, trainer=trainer)
 
     trained = json.loads(bpe.to_str())["model"]
