@@ -2,6 +2,7 @@
 
     python -m lit_star export vq --ckpt runs/shapes_vq/checkpoints/last.ckpt --out exports/shapes_vq
     python -m lit_star export vq --ckpt VQ-Model.pt --flavour star-vq --out exports/star_vq --format safetensors
+    python -m lit_star export base --ckpt runs/shapes/stage0_base/checkpoints/last.ckpt --out exports/shapes_base
 
 ``vq`` writes the tokenizer (EMA weights when the checkpoint has them, codebook projector folded in):
 
@@ -30,6 +31,8 @@ REFERENCE_VQ_FILE = "VQ-Model.pt"
 EXPORTS = {
     "vq": ("STAR-VQ tokenizer: reference-layout VQ-Model.pt and/or safetensors + config.json.",
            "lit_star.commands.export:export_vq"),
+    "base": ("Stage 0 base VLM: a Hugging Face Qwen2.5-VL directory rebuilt from a BaseVLMModule checkpoint.",
+             "lit_star.commands.export:export_base"),
 }
 
 
@@ -70,6 +73,17 @@ def export_vq(argv: list[str]) -> int:
     print(f"exported VQ ({len(state)} tensors, projector folded) from {args.ckpt}:")
     for path in written:
         print(f"  {path}")
+    return 0
+
+
+def export_base(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lit_star export base")
+    parser.add_argument("--ckpt", required=True, help="BaseVLMModule checkpoint (e.g. runs/shapes/stage0_base/checkpoints/last.ckpt)")
+    parser.add_argument("--out", required=True, help="output Hugging Face directory")
+    args = parser.parse_args(argv)
+    from lit_star.modules.base_module import export_base_checkpoint
+
+    print(f"wrote {export_base_checkpoint(args.ckpt, args.out)}")
     return 0
 
 

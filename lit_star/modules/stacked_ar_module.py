@@ -70,6 +70,7 @@ from lit_star.models.vq import VQConfig, VQModel, vq_config
 ActivationCheckpointing = Literal["base", "stack"]
 # State-dict prefixes of the frozen parts; they never enter a checkpoint (see the module docstring).
 FROZEN_STATE_PREFIXES = ("model.stacked_ar.base.", "vq.")
+IMAGE_SIZE_KEY = "image_size"
 FROZEN_CHECKSUMS_KEY = "frozen_checksums"
 
 
@@ -294,11 +295,15 @@ class StackedARModule(LightningModule):
     def batch_codes(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """B x h x w codes: the pre-tokenized ``codes`` if present, else the frozen VQ's encoding of ``image``."""
         if "codes" in batch:
-            return batch["codes"].long()
-        if "image" not in batch:
+            codes = batch["codes"].long()
+        elif "image" in batch:
+            with torch.no_grad():
+                codes = self.vq.encode_to_codes(batch["image"].to(self.device, torch.float32))
+        else:
             raise KeyError(f"a text-to-image batch needs 'codes' or 'image'; got keys {sorted(batch)}")
-        with torch.no_grad():
-            return self.vq.encode_to_codes(batch["image"].to(self.device, torch.float32))
+        # Sampling needs the trained image side; pre-tokenized data gives only the code grid.
+        self.trained_image_size = int(codes.shape[-1]) * self.vq.config.downsample_factor
+        return codes
 
     def layout_batch(self, batch: Mapping[str, Any], codes: torch.Tensor, cfg_dropout: bool) -> SequenceBatch:
         """Text-to-image sequences of ``batch`` (captions) and ``codes``, collated, on this device."""
@@ -422,6 +427,8 @@ class StackedARModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.verify_frozen_weights()
         checkpoint[FROZEN_CHECKSUMS_KEY] = dict(self.frozen_checksums)
+        if getattr(self, "trained_image_size", None):
+            checkpoint[IMAGE_SIZE_KEY] = self.trained_image_size
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         recorded = checkpoint.get(FROZEN_CHECKSUMS_KEY)

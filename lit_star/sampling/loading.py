@@ -87,7 +87,7 @@ def _from_stacked_ar_dir(directory: Path, base, vq, vq_flavour):
 
 
 def _from_lightning_checkpoint(path: Path, base, vq, vq_flavour):
-    from lit_star.modules.stacked_ar_module import StackedARModule
+    from lit_star.modules.stacked_ar_module import IMAGE_SIZE_KEY, StackedARModule
 
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
@@ -105,5 +105,9 @@ def _from_lightning_checkpoint(path: Path, base, vq, vq_flavour):
     module.configure_model()
     module.load_state_dict(checkpoint["state_dict"], strict=True)
     module.on_load_checkpoint(checkpoint)  # refuses a base / VQ other than the ones it was trained on
-    recorded_size = hparams.get("image_size") or checkpoint.get("datamodule_hyper_parameters", {}).get("resolution")
+    recorded_size = (
+        hparams.get("image_size")
+        or checkpoint.get(IMAGE_SIZE_KEY)
+        or checkpoint.get("datamodule_hyper_parameters", {}).get("resolution")
+    )
     return module.stacked_ar, module.vq, hparams["base_path"], recorded_size

@@ -1,0 +1,103 @@
+"""Understanding accuracy of a base VLM on the Shapes world: VQA and knowledge riddles.
+
+    python -m lit_star eval understanding --base runs/shapes/stage0_base/hf --world runs/shapes_world --out before.json
+    python -m lit_star eval understanding --ckpt runs/shapes/stage2_stacked_ar/checkpoints/last.ckpt \\
+        --world runs/shapes_world --out after.json
+
+The same greedy decoding and the same answer matching as stage 0's validation. Run on the stage 0
+export and on the base inside a stage 2 checkpoint it shows whether stage 2 left understanding
+untouched (the two JSON files must hold identical numbers and identical answers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lit_star.data.datamodules import KnowledgeDataModule, VQADataModule
+from lit_star.models.base_vlm import generate_answers, images_to_uint8, load_base_vlm, load_processor
+from lit_star.modules.base_module import descriptions_match, normalize_answer
+
+
+def answer_is_correct(prediction: str, answer: str, qtype: str | None) -> bool:
+    exact = normalize_answer(prediction) == normalize_answer(answer)
+    return exact or (qtype == "caption" and descriptions_match(prediction, answer))
+
+
+def _val_batches(datamodule):
+    datamodule.setup("validate")
+    return datamodule.val_dataloader()
+
+
+@torch.no_grad()
+def understanding_accuracy(model, processor, world: str | Path, batch_size: int = 50,
+                           max_new_tokens: int = 64, limit: int | None = None) -> dict:
+    """VQA accuracy (overall and per question type) and riddle accuracy on the world's val split."""
+    world = Path(world)
+    model.eval()
+    per_type: dict[str, list[bool]] = defaultdict(list)
+    answers: dict[str, str] = {}
+    vqa = VQADataModule(val_shards=str(world / "vqa" / "val-*.tar"), batch_size=batch_size, resolution=64)
+    seen = 0
+    for batch in tqdm(_val_batches(vqa), desc="vqa", unit="batch"):
+        predictions = generate_answers(model, processor, list(batch["question"]), images_to_uint8(batch["image"]),
+                                       max_new_tokens=max_new_tokens)
+        for prediction, answer, meta, key in zip(predictions, batch["answer"], batch["meta"], batch["__key__"]):
+            per_type[meta.get("qtype", "unknown")].append(answer_is_correct(prediction, answer, meta.get("qtype")))
+            answers[f"vqa/{key}"] = prediction
+        seen += len(predictions)
+        if limit is not None and seen >= limit:
+            break
+    riddles: list[bool] = []
+    knowledge = KnowledgeDataModule(val_shards=str(world / "knowledge" / "val-*.tar"), batch_size=batch_size)
+    seen = 0
+    for batch in tqdm(_val_batches(knowledge), desc="riddles", unit="batch"):
+        predictions = generate_answers(model, processor, list(batch["prompt"]), None, max_new_tokens=max_new_tokens)
+        for prediction, answer, key in zip(predictions, batch["answer"], batch["__key__"]):
+            riddles.append(normalize_answer(prediction) == normalize_answer(answer))
+            answers[f"knowledge/{key}"] = prediction
+        seen += len(predictions)
+        if limit is not None and seen >= limit:
+            break
+    all_vqa = [ok for oks in per_type.values() for ok in oks]
+    return {
+        "vqa_accuracy": sum(all_vqa) / max(1, len(all_vqa)),
+        "vqa_accuracy_by_type": {q: sum(v) / len(v) for q, v in sorted(per_type.items())},
+        "vqa_questions": len(all_vqa),
+        "riddle_accuracy": sum(riddles) / max(1, len(riddles)),
+        "riddles": len(riddles),
+        "answers": answers,
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lit_star eval understanding", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--base", help="Hugging Face Qwen2.5-VL directory (e.g. the stage 0 export)")
+    source.add_argument("--ckpt", help="stage 2 checkpoint: its frozen base is evaluated")
+    parser.add_argument("--world", required=True, help="Shapes world directory")
+    parser.add_argument("--out", help="write the scores and every answer as JSON here")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--limit", type=int, help="at most this many VQA questions and riddles (smoke runs)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.base:
+        model, processor = load_base_vlm(args.base), load_processor(args.base)
+    else:
+        from lit_star.sampling.loading import load_star
+
+        star = load_star(args.ckpt)
+        model, processor = star.model.base, star.processor
+    result = understanding_accuracy(model, processor, args.world, args.batch_size, limit=args.limit)
+    by_type = ", ".join(f"{q} {v:.3f}" for q, v in result["vqa_accuracy_by_type"].items())
+    print(f"VQA accuracy {result['vqa_accuracy']:.4f} over {result['vqa_questions']} questions ({by_type})")
+    print(f"riddle accuracy {result['riddle_accuracy']:.4f} over {result['riddles']} riddles")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return 0
