@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lit_star.benchmarks.quantize import _proc_status_bytes, _reset_peak_rss
+from lit_star.benchmarks.memory import proc_status_bytes, reset_peak_rss
 from lit_star.models.ar_loss import DEFAULT_CHUNK_SIZE, chunked_cross_entropy, one_shot_cross_entropy
 from lit_star.models.sequence_layout import IGNORE_INDEX
 
@@ -78,15 +78,15 @@ def run_child(variant: str, args: argparse.Namespace) -> int:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        _reset_peak_rss()
-        before = _proc_status_bytes("VmRSS")
+        reset_peak_rss()
+        before = proc_status_bytes("VmRSS")
     start = time.perf_counter()
     loss = loss_step(variant, hidden, labels, head, args.chunk_size)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _proc_status_bytes("VmHWM")
+        peak = proc_status_bytes("VmHWM")
     seconds = time.perf_counter() - start
     torch.save(
         {"loss": loss.cpu(), "hidden_grad": hidden.grad.cpu(), "weight_grad": head.weight.grad.cpu(),

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from lit_star.benchmarks.memory import proc_status_bytes, reset_peak_rss
 from lit_star.models.vq import DEFAULT_SEARCH_CHUNK_ELEMENTS, nearest_code_indices
 
 TOKENS_PER_IMAGE = 576  # 384 px / 16 = 24 x 24
@@ -57,21 +58,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS. ru_maxrss cannot be
-    # used instead: it survives fork+exec, so a child would report its parent's peak.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _run_variant(variant: str, z: torch.Tensor, codebook: torch.Tensor, chunk_elements: int) -> torch.Tensor:
     if variant == "repeat":
         return repeat_codebook_search(z, codebook)
@@ -101,10 +87,10 @@ def _peak_memory_child(variant: str, args: argparse.Namespace) -> int:
     z, codebook = make_inputs(args.batch_sizes[0], args.codebook_size, args.dim, "cpu", args.seed)
     # Page in the code both variants run (BLAS kernels) on a tiny problem, so that only data is measured.
     _run_variant(variant, z[:1, :8], codebook[:256], args.chunk_elements)
-    _reset_peak_rss()
-    before = _proc_status_bytes("VmRSS")
+    reset_peak_rss()
+    before = proc_status_bytes("VmRSS")
     _run_variant(variant, z, codebook, args.chunk_elements)
-    peak = _proc_status_bytes("VmHWM")
+    peak = proc_status_bytes("VmHWM")
     print(json.dumps({"peak_extra_bytes": max(0, peak - before)}))
     return 0
 
