@@ -86,6 +86,15 @@ def load_from_args(args: argparse.Namespace) -> Star:
     )
 
 
+def _load_for_drawing(args: argparse.Namespace, command: str) -> Star | None:
+    """The checkpoint, or None after telling the user it lacks the image size that drawing needs."""
+    star = load_from_args(args)
+    if star.image_size is None:
+        print(f"{command}: {args.ckpt} does not record its image size; pass --image-size", file=sys.stderr)
+        return None
+    return star
+
+
 def read_prompt_records(path: str | Path) -> list[dict]:
     """``{"prompt": str, "id"?: str, "seed"?: int, ...}`` per line; errors name the file and line."""
 
@@ -207,9 +216,8 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as err:
         print(f"generate: {err}", file=sys.stderr)
         return 2
-    star = load_from_args(args)
-    if star.image_size is None:
-        print(f"generate: {args.ckpt} does not record its image size; pass --image-size", file=sys.stderr)
+    star = _load_for_drawing(args, "generate")
+    if star is None:
         return 2
     write_generations(
         star, records, args.out, sampler, decode_options_from_args(args), args.batch_size,
@@ -245,9 +253,8 @@ def edit_main(argv: list[str]) -> int:
     except (OSError, ValueError) as err:
         print(f"edit: {err}", file=sys.stderr)
         return 2
-    star = load_from_args(args)
-    if star.image_size is None:
-        print(f"edit: {args.ckpt} does not record its image size; pass --image-size", file=sys.stderr)
+    star = _load_for_drawing(args, "edit")
+    if star is None:
         return 2
     options = decode_options_from_args(args)
     args.out.mkdir(parents=True, exist_ok=True)

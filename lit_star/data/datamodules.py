@@ -93,8 +93,8 @@ class ShardDataModule(pl.LightningDataModule):
         self.decoder = SampleDecoder(self.fields(), self.resolution)
 
     def fields(self) -> list[Field]:
-        """The batch entries this kind of sample has, in SCHEMA.md's batch format."""
-        raise NotImplementedError
+        """The batch entries this kind of sample has, in SCHEMA.md's batch format (each subclass defines it)."""
+        raise NotImplementedError(f"{type(self).__name__} must define fields()")
 
     def shards(self, split: str) -> list[str] | None:
         spec = self.shard_specs[split]
