@@ -18,6 +18,7 @@ from lit_star.models.base_vlm import (
     load_base_vlm,
     load_processor,
     save_base_vlm,
+    tiny_spec,
 )
 from lit_star.models.tokenizer import QWEN_SPECIAL_TOKENS, special_token_ids, train_qwen2_tokenizer
 from lit_star.modules.base_module import BaseVLMModule, export_base_checkpoint, normalize_answer, task_batches
@@ -156,6 +157,8 @@ def test_submodule_accessors_name_the_transformers5_layout(micro_model):
 def test_unknown_flavour_and_missing_directory_fail_clearly(tokenizer, tmp_path):
     with pytest.raises(KeyError, match="unknown tiny base flavour 'huge'"):
         build_tiny_base_vlm(tokenizer, "huge")
+    with pytest.raises(KeyError, match="'vision_width'"):
+        tiny_spec("tiny", {"vision_width": 96})
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_base_vlm(tmp_path)
     with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
@@ -202,6 +205,7 @@ def test_stage0_recipe_trains_validates_and_exports_a_loadable_base(small_world,
         "--trainer.enable_model_summary", "false", "--model.init_args.flavour", "micro",
         "--model.init_args.processor_fit_batches", "3", "--model.init_args.max_new_tokens", "3",
         "--model.init_args.warmup_steps", "1", *shards,
+        "--model.init_args.flavour_overrides", "{vision_hidden_size: 48}", "--model.init_args.vision_lr_scale", "4",
         "--data.init_args.components.vqa.init_args.num_workers", "0",
         "--data.init_args.components.knowledge.init_args.num_workers", "0",
         "--data.init_args.components.vqa.init_args.val_batch_size", "4",
@@ -210,6 +214,9 @@ def test_stage0_recipe_trains_validates_and_exports_a_loadable_base(small_world,
     hf = run / "hf"
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf).eval()
     tokenizer = AutoTokenizer.from_pretrained(hf)
+    assert model.config.vision_config.hidden_size == 48  # the flavour override reached the export
+    groups = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["optimizer_states"][0]["param_groups"]
+    assert sorted({g["initial_lr"] for g in groups}) == [5e-4, 2e-3]  # vision tower at 4x the recipe's LR
     assert tokenizer.chat_template and tokenizer.convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
 
     # The export rebuilt from the last checkpoint alone is the same model.

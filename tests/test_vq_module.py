@@ -35,7 +35,8 @@ from lit_star.models.vq_losses import (
     non_saturating_d_loss,
     non_saturating_g_loss,
 )
-from lit_star.modules.vq_module import VQModule, lr_multiplier
+from lit_star.modules.schedules import lr_multiplier
+from lit_star.modules.vq_module import VQModule
 
 REPO = Path(__file__).resolve().parents[1]
 # A VQ small enough for a CPU step in ~0.1 s: 4x downsampling, 64 codes of 8 dims, 16 px images.

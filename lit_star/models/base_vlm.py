@@ -11,6 +11,7 @@ that STAR touches in the transformers 5 layout, so no other module spells out at
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,12 +94,21 @@ TINY_FLAVOURS: dict[str, TinyBaseSpec] = {
 }
 
 
-def tiny_spec(flavour: str | TinyBaseSpec) -> TinyBaseSpec:
+def tiny_spec(flavour: str | TinyBaseSpec, overrides: dict | None = None) -> TinyBaseSpec:
+    """The spec of ``flavour`` (a ``TINY_FLAVOURS`` key or a spec) with ``overrides`` applied."""
     if isinstance(flavour, TinyBaseSpec):
-        return flavour
-    if flavour not in TINY_FLAVOURS:
+        spec = flavour
+    elif flavour in TINY_FLAVOURS:
+        spec = TINY_FLAVOURS[flavour]
+    else:
         raise KeyError(f"unknown tiny base flavour {flavour!r}; choose from {sorted(TINY_FLAVOURS)}")
-    return TINY_FLAVOURS[flavour]
+    if not overrides:
+        return spec
+    fields = {f.name for f in dataclasses.fields(TinyBaseSpec)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise KeyError(f"unknown tiny base spec field(s) {unknown}; the fields are {sorted(fields)}")
+    return dataclasses.replace(spec, **overrides)
 
 
 def tiny_config(tokenizer, flavour: str | TinyBaseSpec = "tiny") -> Qwen2_5_VLConfig:

@@ -11,10 +11,10 @@ a Hugging Face directory that stage 2 loads exactly as it would load Qwen2.5-VL-
 
 from __future__ import annotations
 
-import math
 import re
 import tempfile
 from collections.abc import Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,10 @@ from lit_star.models.base_vlm import (
     load_processor,
     pixel_statistics,
     save_base_vlm,
+    tiny_spec,
 )
 from lit_star.models.tokenizer import train_qwen2_tokenizer
+from lit_star.modules.schedules import lr_multiplier
 
 VQA_QTYPES = ("count", "color", "relation", "shape", "caption")
 # Text fields of the world's understanding batches (SCHEMA.md) that the tokenizer is trained on.
@@ -109,10 +111,15 @@ class BaseVLMModule(LightningModule):
             trained on the text of the first ``processor_fit_batches`` training batches, the pixel
             mean/std are measured on their images, and both are saved there.
         flavour: tiny base size, a key of ``lit_star.models.base_vlm.TINY_FLAVOURS``.
+        flavour_overrides: fields of its :class:`~lit_star.models.base_vlm.TinyBaseSpec` to change
+            (e.g. ``{vision_hidden_size: 128}``); an unknown field is an error.
         tokenizer_vocab_size: BPE vocabulary size, special tokens excluded.
         export_dir: Hugging Face directory written at the end of training (skipped if None).
         learning_rate / weight_decay / warmup_steps / min_lr_ratio: AdamW with linear warm-up and
             cosine decay to ``min_lr_ratio * learning_rate`` at ``trainer.max_steps``.
+        vision_lr_scale: the vision tower's (``model.visual.*``) learning rate as a multiple of
+            ``learning_rate``. Randomly initialised, it sits behind the merger and every LLM layer, so its
+            gradients arrive small while the text prior is learned within a few hundred steps.
         max_new_tokens: greedy decoding budget at validation.
         loss_normalization: ``"sample"`` averages each answer's token losses, then the answers, so a
             one-word VQA answer weighs as much as a 30-token scene description; ``"token"`` averages
@@ -125,6 +132,7 @@ class BaseVLMModule(LightningModule):
         self,
         processor_dir: str,
         flavour: str = "tiny",
+        flavour_overrides: dict[str, Any] | None = None,
         tokenizer_vocab_size: int = 1024,
         processor_fit_batches: int = 100,
         export_dir: str | None = None,
@@ -133,6 +141,7 @@ class BaseVLMModule(LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.05,
+        vision_lr_scale: float = 1.0,
         max_new_tokens: int = 32,
         loss_normalization: str = "sample",
     ) -> None:
@@ -140,6 +149,7 @@ class BaseVLMModule(LightningModule):
         if loss_normalization not in ("sample", "token"):
             raise ValueError(f"loss_normalization must be 'sample' or 'token', got {loss_normalization!r}")
         self.save_hyperparameters()
+        self.spec = tiny_spec(flavour, flavour_overrides)
         self.model: Qwen2_5_VLForConditionalGeneration | None = None
         self.processor: Qwen2_5_VLImageTextProcessor | None = None
         self.val_loss = MeanMetric()
@@ -154,7 +164,7 @@ class BaseVLMModule(LightningModule):
         if self.model is not None:
             return
         self.processor = self._world_processor()
-        self.model = build_tiny_base_vlm(self.processor.tokenizer, self.hparams.flavour)
+        self.model = build_tiny_base_vlm(self.processor.tokenizer, self.spec)
         n_params = sum(p.numel() for p in self.model.parameters())
         rank_zero_info(
             f"stage 0 base: flavour={self.hparams.flavour} vocab={len(self.processor.tokenizer)} params={n_params / 1e6:.2f}M"
@@ -175,7 +185,7 @@ class BaseVLMModule(LightningModule):
             tokenizer = train_qwen2_tokenizer(texts, vocab_size=self.hparams.tokenizer_vocab_size)
             image_mean, image_std = pixel_statistics(images)
             rank_zero_info(f"stage 0 image statistics: mean={image_mean} std={image_std}")
-            image_processor = build_image_processor(self.hparams.flavour, image_mean, image_std)
+            image_processor = build_image_processor(self.spec, image_mean, image_std)
             tokenizer.save_pretrained(processor_dir)
             image_processor.save_pretrained(processor_dir)
         # Every rank loads rank 0's copy, so all hold the same vocabulary and statistics.
@@ -282,32 +292,39 @@ class BaseVLMModule(LightningModule):
     # ---- optimisation -------------------------------------------------------------------------
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
             # Norm gains, biases and embedding rows are not shrunk towards zero.
-            (decay if param.ndim >= 2 and "embed_tokens" not in name else no_decay).append(param)
+            decays = param.ndim >= 2 and "embed_tokens" not in name
+            groups.setdefault((decays, ".visual." in f".{name}"), []).append(param)
+        lr = self.hparams.learning_rate
         optimizer = torch.optim.AdamW(
             [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
+                {
+                    "params": params,
+                    "weight_decay": self.hparams.weight_decay if decays else 0.0,
+                    "lr": lr * (self.hparams.vision_lr_scale if vision else 1.0),
+                }
+                for (decays, vision), params in sorted(groups.items())
             ],
-            lr=self.hparams.learning_rate,
+            lr=lr,
             betas=tuple(self.hparams.betas),
         )
         total_steps = self.trainer.max_steps
         if total_steps is None or total_steps <= 0:
             raise ValueError("stage 0 needs trainer.max_steps > 0 for its cosine schedule")
-        warmup, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
-
-        def lr_factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            partial(
+                lr_multiplier,
+                total_steps=total_steps,
+                schedule="cosine",
+                warmup_steps=self.hparams.warmup_steps,
+                min_lr_ratio=self.hparams.min_lr_ratio,
+            ),
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints and export ---------------------------------------------------------------

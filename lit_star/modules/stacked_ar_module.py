@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,6 +67,7 @@ from lit_star.models.stacked_ar import (
 )
 from lit_star.models.vq import CONFIG_FILE as VQ_CONFIG_FILE
 from lit_star.models.vq import VQConfig, VQModel, vq_config
+from lit_star.modules.schedules import lr_multiplier
 
 ActivationCheckpointing = Literal["base", "stack"]
 # State-dict prefixes of the frozen parts; they never enter a checkpoint (see the module docstring).
@@ -130,9 +132,12 @@ class StackedARModule(LightningModule):
         cfg_dropout: probability that a training sample becomes the unconditional (CFG) row.
         packed_row_length: pack samples into rows of this many tokens (no padding); ``None`` pads.
         loss_chunk_size: positions whose codebook logits exist at once in the loss.
-        learning_rate / betas / weight_decay / warmup_steps: AdamW at a constant rate after a linear
-            warm-up of ``warmup_steps`` optimizer steps (0: none). The paper gives AdamW, lr 1e-3, constant;
+        learning_rate / betas / weight_decay / warmup_steps: AdamW after a linear warm-up of
+            ``warmup_steps`` optimizer steps (0: none). The paper gives AdamW, lr 1e-3, constant;
             betas (0.9, 0.95) and no weight decay are LlamaGen's AR settings (the paper states none).
+        lr_schedule / min_lr_ratio: ``constant`` (the paper's) or ``cosine`` decay to
+            ``min_lr_ratio * learning_rate`` at ``trainer.max_steps``, for short runs that must end
+            converged (see :func:`lit_star.modules.schedules.lr_multiplier`).
         global_batch_size: if set, fit refuses to start unless batch size x devices x nodes x gradient
             accumulation equals it (4096 in the paper's stage 2).
         activation_checkpointing: recompute the decoder layers of the ``base`` and/or the ``stack`` in
@@ -161,6 +166,8 @@ class StackedARModule(LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        min_lr_ratio: float = 0.0,
         global_batch_size: int | None = None,
         activation_checkpointing: Sequence[ActivationCheckpointing] = (),
         log_images: int = 4,
@@ -172,6 +179,8 @@ class StackedARModule(LightningModule):
             raise ValueError(f"activation_checkpointing takes 'base' and/or 'stack', got {unknown}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         self.save_hyperparameters()
         self.model: TextToImageObjective | None = None
         self.vq: VQModel | None = None
@@ -402,9 +411,18 @@ class StackedARModule(LightningModule):
             betas=tuple(self.hparams.betas),
             weight_decay=self.hparams.weight_decay,
         )
-        warmup = self.hparams.warmup_steps
+        total_steps = self.trainer.max_steps
+        if self.hparams.lr_schedule != "constant" and (total_steps is None or total_steps <= 0):
+            raise ValueError(f"lr_schedule {self.hparams.lr_schedule!r} needs trainer.max_steps > 0")
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+            optimizer,
+            partial(
+                lr_multiplier,
+                total_steps=total_steps,
+                schedule=self.hparams.lr_schedule,
+                warmup_steps=self.hparams.warmup_steps,
+                min_lr_ratio=self.hparams.min_lr_ratio,
+            ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

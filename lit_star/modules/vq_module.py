@@ -36,6 +36,7 @@ from lit_star.eval.vq_metrics import (
     to_unit_range,
 )
 from lit_star.models.vq import VQModel, vq_config
+from lit_star.modules.schedules import Schedule, lr_multiplier
 from lit_star.models.vq_losses import (
     PatchDiscriminator,
     adaptive_gan_weight,
@@ -43,44 +44,6 @@ from lit_star.models.vq_losses import (
     gan_losses,
     reconstruction_loss,
 )
-
-Schedule = Literal["cosine", "annealing", "constant"]
-
-
-def lr_multiplier(
-    step: int,
-    total_steps: int,
-    schedule: Schedule = "cosine",
-    warmup_steps: int = 0,
-    min_lr_ratio: float = 0.0,
-    annealing_start_ratio: float = 0.005,
-    annealing_hold_fraction: float = 0.3,
-    annealing_end_ratio: float = 0.01,
-) -> float:
-    """Factor on the base learning rate after ``step`` optimizer steps.
-
-    * ``cosine``: linear warm-up from 0, then cosine decay to ``min_lr_ratio`` at ``total_steps``.
-    * ``annealing`` (FVQ "learning annealing"): linear warm-up from ``annealing_start_ratio`` to 1,
-      constant until ``annealing_hold_fraction`` of training, then linear decay to ``annealing_end_ratio``.
-    * ``constant``: linear warm-up from 0, then 1.
-    """
-    if schedule == "annealing":
-        if step < warmup_steps:
-            return annealing_start_ratio + (1.0 - annealing_start_ratio) * step / warmup_steps
-        hold_until = max(warmup_steps, int(annealing_hold_fraction * total_steps))
-        if step < hold_until:
-            return 1.0
-        progress = min(1.0, (step - hold_until) / max(1, total_steps - hold_until))
-        return 1.0 + (annealing_end_ratio - 1.0) * progress
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    if schedule == "cosine":
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"schedule must be 'cosine', 'annealing' or 'constant', got {schedule!r}")
-
 
 def image_grid(rows: list[torch.Tensor]) -> torch.Tensor:
     """Stack equally shaped N x 3 x H x W batches ([-1, 1]) into one 3 x (R*H) x (N*W) image in [0, 1]."""
@@ -104,7 +67,7 @@ class VQModule(L.LightningModule):
             ``None`` disables the perceptual loss (logged once).
         gan_start_step: generator step at which the discriminator starts; ``None`` builds no discriminator.
         adaptive_gan_weight: scale the GAN loss by the gradient-norm ratio at the decoder's last layer.
-        schedule: ``cosine``, ``annealing`` (FVQ) or ``constant``; see :func:`lr_multiplier`.
+        schedule: ``cosine``, ``annealing`` (FVQ) or ``constant``; see :func:`lit_star.modules.schedules.lr_multiplier`.
         ema_decay: keep an EMA of the generator, used for validation and export (``None``: off).
         usage_window_tokens: codebook utilisation / perplexity over at most this many validation tokens
             per process (``None``: the whole validation epoch).
