@@ -238,6 +238,15 @@ def test_global_batch_size_mismatch_is_refused(frozen_dirs):
         make_trainer(1, accumulate_grad_batches=2).fit(module, datamodule=_Data())
 
 
+def test_cosine_schedule_decays_to_its_floor_at_max_steps(frozen_dirs):
+    module = make_module(frozen_dirs, learning_rate=1e-3, warmup_steps=1, lr_schedule="cosine", min_lr_ratio=0.1)
+    trainer = make_trainer(3)
+    trainer.fit(module, datamodule=_Data())
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="lr_schedule must be 'constant' or 'cosine', got 'linear'"):
+        make_module(frozen_dirs, lr_schedule="linear")
+
+
 # ---- recipes ------------------------------------------------------------------------------------
 
 
