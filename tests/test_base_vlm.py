@@ -79,16 +79,17 @@ def test_tokenizer_has_qwen_specials_after_bpe_and_qwen_chat_format(tokenizer, t
     assert reloaded.decode(reloaded(text).input_ids) == text
 
 
-@pytest.mark.parametrize("flavour, patch_grid", [("tiny", 4), ("micro", 8)])
-def test_vision_geometry_gives_16_llm_tokens_per_64px_image(tokenizer, flavour, patch_grid):
+@pytest.mark.parametrize("flavour, patch_grid, llm_tokens", [("tiny", 6, 9), ("micro", 8, 16)])
+def test_vision_geometry_of_a_64px_world_image(tokenizer, flavour, patch_grid, llm_tokens):
+    """tiny: upsampled to 96 px, 6 x 6 patches merged into one LLM token per cell of the 3 x 3 grid."""
     spec = base_vlm.TINY_FLAVOURS[flavour]
     assert sum(spec.mrope_section) == spec.head_dim // 2
     processor = Qwen2_5_VLImageTextProcessor(image_processor=build_image_processor(flavour), tokenizer=tokenizer)
     inputs = encode_chat(processor, ["How many circles?"], _images(1))
-    assert inputs["image_grid_thw"].tolist() == [[1, patch_grid, patch_grid]], "64 px must not be resized"
+    assert inputs["image_grid_thw"].tolist() == [[1, patch_grid, patch_grid]]
     image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    assert int((inputs["input_ids"] == image_token).sum()) == 16
-    assert int(inputs["mm_token_type_ids"].sum()) == 16, "M-RoPE needs mm_token_type_ids on the image tokens"
+    assert int((inputs["input_ids"] == image_token).sum()) == llm_tokens
+    assert int(inputs["mm_token_type_ids"].sum()) == llm_tokens, "M-RoPE needs mm_token_type_ids on the image tokens"
 
 
 def test_micro_forward_with_patch_merging(processor, micro_model):

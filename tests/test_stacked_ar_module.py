@@ -166,6 +166,10 @@ def test_training_batches_follow_the_reference_layout_with_cfg_dropout(frozen_di
         assert int(sequences.input_ids[row, first]) == special.vision_start, "code 0 is predicted at <|vision_start|>"
     conditional = module.layout_batch(batch, batch["codes"], cfg_dropout=False)
     assert not (conditional.input_ids == special.fim_pad).any()
+    unconditional = module.layout_batch(batch, batch["codes"], cfg_dropout=False, unconditional=True)
+    assert (unconditional.input_ids == special.fim_pad).any(dim=1).all()
+    assert torch.equal(unconditional.labels[unconditional.labels != IGNORE_INDEX],
+                       conditional.labels[conditional.labels != IGNORE_INDEX]), "same images, no prompts"
 
 
 def test_activation_checkpointing_changes_neither_loss_nor_gradients(frozen_dirs):
@@ -362,5 +366,5 @@ def test_shapes_recipe_smoke_runs_on_pretokenized_shards(frozen_dirs, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tensorboard")).Reload()
-    assert {"train/loss", "val/loss", "val/code_unigram_entropy"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/loss_unconditional", "val/prompt_gain", "val/code_unigram_entropy"} <= set(events.Tags()["scalars"])
     assert "val/true_vs_teacher_forced_codes" in events.Tags()["images"]

@@ -188,6 +188,7 @@ class StackedARModule(LightningModule):
         self._layout: SequenceLayout | None = None
         # Validation accumulators, reset at each validation epoch start.
         self._val_loss_sum: torch.Tensor | None = None
+        self._val_unconditional_loss_sum: torch.Tensor | None = None
         self._val_loss_count = 0
         self._val_code_counts: torch.Tensor | None = None
         # Checkpoints and state_dict() leave the frozen weights out; loading then does not miss them.
@@ -314,16 +315,22 @@ class StackedARModule(LightningModule):
         self.trained_image_size = int(codes.shape[-1]) * self.vq.config.downsample_factor
         return codes
 
-    def layout_batch(self, batch: Mapping[str, Any], codes: torch.Tensor, cfg_dropout: bool) -> SequenceBatch:
-        """Text-to-image sequences of ``batch`` (captions) and ``codes``, collated, on this device."""
+    def layout_batch(
+        self, batch: Mapping[str, Any], codes: torch.Tensor, cfg_dropout: bool, unconditional: bool = False
+    ) -> SequenceBatch:
+        """Text-to-image sequences of ``batch`` (captions) and ``codes``, collated, on this device.
+
+        ``cfg_dropout`` draws the unconditional (CFG) row per sample as in training; ``unconditional``
+        makes every row unconditional.
+        """
         for key in ("caption", "__key__"):
             if key not in batch:
                 raise KeyError(f"a text-to-image batch needs {key!r}; got keys {sorted(batch)}")
         layout = self.layout
         samples = []
         for caption, sample_key, sample_codes in zip(batch["caption"], batch["__key__"], codes.cpu()):
-            unconditional = cfg_dropout and layout.draw_unconditional(self._sample_rng(sample_key))
-            samples.append(layout.text_to_image(caption, sample_codes, unconditional=unconditional))
+            drop = unconditional or (cfg_dropout and layout.draw_unconditional(self._sample_rng(sample_key)))
+            samples.append(layout.text_to_image(caption, sample_codes, unconditional=drop))
         pad = layout.special.pad
         if self.hparams.packed_row_length is None:
             collated = collate_padded(samples, pad)
@@ -349,6 +356,7 @@ class StackedARModule(LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_unconditional_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._val_loss_count = 0
         self._val_code_counts = torch.zeros(self.stacked_ar.codebook_size, dtype=torch.float64, device=self.device)
 
@@ -358,7 +366,11 @@ class StackedARModule(LightningModule):
         show = self.hparams.log_images if batch_idx == 0 else 0
         loss, predictions = self.model(sequences, self._code_vectors(sequences.code_ids), predict_rows=show)
         targets = sequences.labels[sequences.labels != IGNORE_INDEX]
+        # The same images without their prompts: the gap to ``loss`` is what the text is worth.
+        unconditional = self.layout_batch(batch, codes, cfg_dropout=False, unconditional=True)
+        unconditional_loss, _ = self.model(unconditional, self._code_vectors(unconditional.code_ids))
         self._val_loss_sum += loss.double() * targets.numel()
+        self._val_unconditional_loss_sum += unconditional_loss.double() * targets.numel()
         self._val_loss_count += targets.numel()
         self._val_code_counts += torch.bincount(targets, minlength=self._val_code_counts.numel()).double()
         if predictions:
@@ -370,9 +382,13 @@ class StackedARModule(LightningModule):
             return
         reduce = self.trainer.strategy.reduce
         loss_sum = reduce(self._val_loss_sum, reduce_op="sum")
+        unconditional_sum = reduce(self._val_unconditional_loss_sum, reduce_op="sum")
         count = reduce(torch.tensor(float(self._val_loss_count), device=self.device), reduce_op="sum")
         counts = reduce(self._val_code_counts, reduce_op="sum")
         self.log("val/loss", (loss_sum / count).float(), prog_bar=True, sync_dist=False)
+        self.log("val/loss_unconditional", (unconditional_sum / count).float(), sync_dist=False)
+        # Nats per image token the prompt saves; near 0 means the stack draws without reading the text.
+        self.log("val/prompt_gain", ((unconditional_sum - loss_sum) / count).float(), sync_dist=False)
         # The loss of the best context-free predictor of these codes: the bar the model has to clear.
         self.log("val/code_unigram_entropy", unigram_entropy(counts).float(), sync_dist=False)
 
