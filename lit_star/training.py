@@ -8,7 +8,7 @@ What every run gets without asking:
 
 * one run directory (``trainer.default_root_dir``) holding ``tensorboard/`` and ``checkpoints/``;
 * a ``last.ckpt`` plus periodic ``step########.ckpt`` files (``--checkpoint.every_n_train_steps``),
-  each written atomically (temporary file, fsync, rename) so a kill during a save leaves the
+  ``last.ckpt`` also at the final step whatever the period, each written atomically (temporary file, fsync, rename) so a kill during a save leaves the
   previous ``last`` intact;
 * ``seed_everything(seed, workers=True)`` before any class is built (``--seed_everything``);
 * ``${...}`` interpolation resolved after every ``--config`` file and command-line override merged.
@@ -33,6 +33,20 @@ import torch
 from lit_star.data.health import DataHealthMonitor
 
 DEFAULT_RUN_DIR = "runs/default"
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` always holds the final step.
+
+    Lightning writes ``last`` only when a periodic save fires (or if none ever did), so a run of 850
+    steps saved every 250 ended with a ``last.ckpt`` of step 750, and everything downstream (export,
+    tokenize, stage 2) silently used the older weights.
+    """
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -82,7 +96,7 @@ class StarCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "trainer.default_root_dir": DEFAULT_RUN_DIR,

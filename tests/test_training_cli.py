@@ -121,3 +121,11 @@ def test_help_lists_every_subcommand():
 def test_unknown_subcommand_is_a_clear_error():
     out = subprocess.run([sys.executable, "-m", "lit_star", "fitt"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "unknown subcommand 'fitt'" in out.stderr
+
+
+def test_last_checkpoint_holds_the_final_step_between_periodic_saves(layered_recipe, tmp_path):
+    base, override = layered_recipe  # saves every 2 steps
+    StarCLI(args=["fit", "--config", base, "--config", override, "--trainer.max_steps", "5"])
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 5
+    assert sorted(p.name for p in checkpoints.glob("step*.ckpt")) == ["step00000002.ckpt", "step00000004.ckpt"]

@@ -36,7 +36,7 @@ from lit_star.models.vq_losses import (
     non_saturating_g_loss,
 )
 from lit_star.modules.schedules import lr_multiplier
-from lit_star.modules.vq_module import VQModule
+from lit_star.modules.vq_module import VQModule, warmed_up_ema
 
 REPO = Path(__file__).resolve().parents[1]
 # A VQ small enough for a CPU step in ~0.1 s: 4x downsampling, 64 codes of 8 dims, 16 px images.
@@ -195,6 +195,16 @@ def test_frechet_distance_with_local_exported_features(tmp_path):
 
 
 # ------------------------------------------------------------------ VQModule
+
+
+def test_ema_decay_warms_up_then_holds():
+    update = warmed_up_ema(0.999)
+    average = [torch.zeros(3)]
+    update(average, [torch.ones(3)], torch.tensor(1))  # decay min(0.999, 2/11)
+    torch.testing.assert_close(average[0], torch.full((3,), 9 / 11))
+    average = [torch.zeros(3)]
+    update(average, [torch.ones(3)], torch.tensor(100_000))  # warmed up: the set decay
+    torch.testing.assert_close(average[0], torch.full((3,), 0.001))
 
 
 def test_training_steps_with_gan_adaptive_weight_and_ema(tmp_path):

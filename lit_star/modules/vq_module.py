@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from lit_star.data.health import strip_data_health
 from lit_star.eval.vq_metrics import (
@@ -44,6 +44,23 @@ from lit_star.models.vq_losses import (
     gan_losses,
     reconstruction_loss,
 )
+
+
+def warmed_up_ema(decay: float):
+    """An ``AveragedModel`` ``multi_avg_fn``: EMA whose decay is ``min(decay, (1 + n) / (10 + n))``.
+
+    Without the warm-up a 0.999 average over a 1000-step run still holds a third of its first weights:
+    on the Shapes VQ it validated at 11 dB while the live weights were past 22 dB.
+    """
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
+        n = float(num_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        for average, value in zip(averaged, current):
+            average.lerp_(value, weight)
+
+    return update
+
 
 def image_grid(rows: list[torch.Tensor]) -> torch.Tensor:
     """Stack equally shaped N x 3 x H x W batches ([-1, 1]) into one 3 x (R*H) x (N*W) image in [0, 1]."""
@@ -68,7 +85,9 @@ class VQModule(L.LightningModule):
         gan_start_step: generator step at which the discriminator starts; ``None`` builds no discriminator.
         adaptive_gan_weight: scale the GAN loss by the gradient-norm ratio at the decoder's last layer.
         schedule: ``cosine``, ``annealing`` (FVQ) or ``constant``; see :func:`lit_star.modules.schedules.lr_multiplier`.
-        ema_decay: keep an EMA of the generator, used for validation and export (``None``: off).
+        ema_decay: keep an EMA of the generator, used for validation and export (``None``: off). The
+            decay warms up as ``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` updates (see
+            :func:`warmed_up_ema`).
         usage_window_tokens: codebook utilisation / perplexity over at most this many validation tokens
             per process (``None``: the whole validation epoch).
         frechet_features: local ``torch.export`` feature network (.pt2) ([0,1] images -> B x F) for a Fréchet
@@ -126,7 +145,7 @@ class VQModule(L.LightningModule):
         self.ema_vq = None
         if ema_decay is not None:
             # Buffers (the codebook-usage window) are copied, not averaged.
-            self.ema_vq = AveragedModel(self.vq, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=False)
+            self.ema_vq = AveragedModel(self.vq, multi_avg_fn=warmed_up_ema(ema_decay), use_buffers=False)
             self.ema_vq.requires_grad_(False)
         self.val_reconstruction = reconstruction_metrics()
         self.val_usage = CodebookUsage(self.vq.config.codebook_size, window_tokens=usage_window_tokens)
