@@ -1,6 +1,7 @@
 """The whole curriculum, end to end, on a tiny world: every stage hands the next what it needs."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,11 @@ def test_smoke_curriculum_runs_end_to_end_and_resumes(tmp_path):
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("done already") == len(timings), "a finished step ran again"
+
+    # The notebook explores exactly such a run directory: every code cell must run against it.
+    notebook = json.loads((REPO / "notebooks/explore_shapes_curriculum.ipynb").read_text())
+    source = "\n\n".join("".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code")
+    env = {**os.environ, "LIT_STAR_RUN": str(run), "OMP_NUM_THREADS": "1"}
+    cells = subprocess.run([sys.executable, "-c", source], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert cells.returncode == 0, cells.stderr[-3000:]
+    assert "PSNR" in cells.stdout and "overall" in cells.stdout and "base:" in cells.stdout
