@@ -253,3 +253,20 @@ def test_pixel_statistics_centre_the_world_images():
     assert list(processor.image_mean) == mean
     with pytest.raises(ValueError, match="B x 3 x H x W"):
         base_vlm.pixel_statistics([torch.zeros(2, 8, 8)])
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_interleaved_mrope_gives_the_width_axis_usable_frequencies(tokenizer, interleaved):
+    # Through transformers' own rotary module: one column to the right must turn some rotary pair by
+    # at least 0.3 rad, or a 3 x 3 token grid carries no left/right signal. Qwen's contiguous split at
+    # head_dim 32 gives the width axis only the lowest frequencies (at most 0.0032 rad per column).
+    spec = tiny_spec("tiny", {"interleaved_mrope": interleaved})
+    model = Qwen2_5_VLForConditionalGeneration(base_vlm.tiny_config(tokenizer, spec))
+    rotary = model.model.language_model.rotary_emb
+    x = torch.zeros(1, 1, spec.hidden_size)
+    positions = torch.tensor([[[5]], [[5]], [[5]]])
+    next_column = torch.tensor([[[5]], [[5]], [[6]]])
+    cos, sin = rotary(x, positions)
+    cos_w, sin_w = rotary(x, next_column)
+    turn = torch.atan2(sin_w * cos - cos_w * sin, cos_w * cos + sin_w * sin).abs().max().item()
+    assert (turn > 0.3) == interleaved, turn

@@ -298,3 +298,24 @@ def test_bench_quantize_runs_and_checks_codes(capsys):
     assert quantize.main(["--codebook-size", "256", "--dim", "16", "--batch-sizes", "1", "--repeats", "1"]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1]
     assert row.split("|")[0].strip() == "1" and row.endswith("identical")
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_local_encoder_codes_depend_on_the_neighbourhood_only(local):
+    # The reference encoder's GroupNorm statistics and attention span the whole image, so a change in
+    # one corner moves the latents at the opposite corner and a flat image gets position-dependent
+    # latents (zero padding). The local encoder must do neither.
+    torch.manual_seed(0)
+    vq = VQModel(vq_config("tiny", local_encoder=local)).eval()
+    flat = torch.full((1, 3, 64, 64), 0.9)
+    spotted = flat.clone()
+    spotted[:, :, 56:, 56:] = -0.5
+    with torch.no_grad():
+        latent_flat, latent_spotted = (vq.quant_conv(vq.encoder(x))[0] for x in (flat, spotted))
+    distinct_flat = torch.unique(latent_flat.flatten(1).T, dim=0).shape[0]
+    far_corner_moved = not torch.equal(latent_flat[:, :2, :2], latent_spotted[:, :2, :2])
+    assert (distinct_flat == 1) == local
+    assert far_corner_moved == (not local)
+    if local:
+        assert not any(name.startswith("encoder.") and ".attn" in name for name, _ in vq.named_parameters())
+        assert {n for n, _ in vq.named_parameters()} >= {"encoder.norm_out.weight", "decoder.mid.1.q.weight"}

@@ -50,6 +50,9 @@ class TinyBaseSpec:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     rope_theta: float = 10000.0
+    # With Qwen's contiguous split and head_dim 32, the width axis gets only frequencies below 0.004 rad
+    # per position: a 3 x 3 token grid has no usable left/right signal in the LLM's attention.
+    interleaved_mrope: bool = False
     max_position_embeddings: int = 2048
     vision_hidden_size: int = 64
     vision_intermediate_size: int = 192
@@ -68,8 +71,15 @@ class TinyBaseSpec:
 
     @property
     def mrope_section(self) -> list[int]:
-        """Split of the rotary half-dimension over (t, h, w); Qwen uses [16, 24, 24] for head_dim 128."""
+        """Split of the rotary half-dimension over (t, h, w), the config's ``mrope_section``.
+
+        Qwen's split is contiguous, [16, 24, 24] for head_dim 128: t takes the highest frequencies and w
+        the lowest. transformers assigns section i to axis i % 3, so a list of 1s interleaves the axes
+        over the frequencies instead (``interleaved_mrope``).
+        """
         half = self.head_dim // 2
+        if self.interleaved_mrope:
+            return [1] * half
         t = half // 4
         h = (half - t) // 2
         return [t, h, half - t - h]

@@ -58,6 +58,12 @@ class VQConfig:
     num_res_blocks: int = 2
     attn_num_heads: int = 1
     dropout_p: float = 0.0
+    # A local encoder makes each code a function of its neighbourhood only: a per-position channel
+    # LayerNorm instead of GroupNorm (whose statistics span the whole image), no self-attention, and
+    # replicate instead of zero padding. The reference encoder is global: adding one object in a corner
+    # changes every code of the image, so equal-looking patches get image-specific codes that a small
+    # AR model must learn to predict. The decoder is unchanged. Not in the reference (False there).
+    local_encoder: bool = False
     # Codebook projector (FVQ "VQBridge"): training only, folded into the codebook at export.
     codebook_projector: bool = False
     projector_patch_size: int = 8
@@ -150,14 +156,31 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
-class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float):
+class PositionwiseLayerNorm(nn.Module):
+    """LayerNorm over the channels of each position of a B x C x H x W map (GroupNorm's parameter names)."""
+
+    def __init__(self, channels: int):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, 1e-6).permute(0, 3, 1, 2)
+
+
+def conv3x3(in_channels: int, out_channels: int, local: bool) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, padding_mode="replicate" if local else "zeros")
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, local: bool = False):
+        super().__init__()
+        norm = PositionwiseLayerNorm if local else group_norm
+        self.norm1 = norm(in_channels)
+        self.conv1 = conv3x3(in_channels, out_channels, local)
+        self.norm2 = norm(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv2 = conv3x3(out_channels, out_channels, local)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
@@ -195,13 +218,14 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, local: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+        self.pad_mode = "replicate" if local else "constant"
 
     def forward(self, x: Tensor) -> Tensor:
         # Asymmetric (left 0, right 1, top 0, bottom 1) padding: torch convs only pad symmetrically.
-        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode=self.pad_mode))
 
 
 class Upsample(nn.Module):
@@ -217,9 +241,9 @@ class Encoder(nn.Module):
     """conv_in -> levels of res blocks (+attention at the lowest level) and downsampling -> mid -> z."""
 
     def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int, dropout: float,
-                 attn_num_heads: int, in_channels: int = 3):
+                 attn_num_heads: int, in_channels: int = 3, local: bool = False):
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, padding=1)
+        self.conv_in = conv3x3(in_channels, ch, local)
         self.conv_blocks = nn.ModuleList()
         block_in = ch
         for level, mult in enumerate(ch_mult):
@@ -228,19 +252,19 @@ class Encoder(nn.Module):
             level_block.res = nn.ModuleList()
             level_block.attn = nn.ModuleList()
             for _ in range(num_res_blocks):
-                level_block.res.append(ResnetBlock(block_in, ch * mult, dropout))
+                level_block.res.append(ResnetBlock(block_in, ch * mult, dropout, local))
                 block_in = ch * mult
-                if lowest:
+                if lowest and not local:
                     level_block.attn.append(AttnBlock(block_in, attn_num_heads))
             if not lowest:
-                level_block.downsample = Downsample(block_in)
+                level_block.downsample = Downsample(block_in, local)
             self.conv_blocks.append(level_block)
+        middle = [] if local else [AttnBlock(block_in, attn_num_heads)]
         self.mid = nn.ModuleList([
-            ResnetBlock(block_in, block_in, dropout), AttnBlock(block_in, attn_num_heads),
-            ResnetBlock(block_in, block_in, dropout),
+            ResnetBlock(block_in, block_in, dropout, local), *middle, ResnetBlock(block_in, block_in, dropout, local),
         ])
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, z_channels, kernel_size=3, padding=1)
+        self.norm_out = PositionwiseLayerNorm(block_in) if local else group_norm(block_in)
+        self.conv_out = conv3x3(block_in, z_channels, local)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
@@ -509,7 +533,7 @@ class VQModel(nn.Module):
         self.config = config
         common = dict(ch=config.ch, num_res_blocks=config.num_res_blocks, z_channels=config.z_channels,
                       dropout=config.dropout_p, attn_num_heads=config.attn_num_heads)
-        self.encoder = Encoder(ch_mult=config.encoder_ch_mult, **common)
+        self.encoder = Encoder(ch_mult=config.encoder_ch_mult, local=config.local_encoder, **common)
         self.decoder = Decoder(ch_mult=config.decoder_ch_mult, **common)
         self.quantize = VectorQuantizer(config)
         self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_embed_dim, kernel_size=1)
