@@ -40,9 +40,10 @@ def test_smoke_curriculum_runs_end_to_end_and_resumes(tmp_path):
     results = json.loads((run / "eval/shapes/results.json").read_text())
     assert set(results["geneval"]["categories"]) == {"single_object", "two_objects", "counting", "colors",
                                                      "position", "color_attr"}
-    assert {"knowledge_without_reasoning", "knowledge_with_reasoning"} <= set(results)
+    assert {"knowledge_without_reasoning", "knowledge_with_reasoning", "geneval_seen_combinations"} <= set(results)
     report = (run / "report.md").read_text()
     assert "Every answer identical: **True**" in report and "| stage2_stacked_ar |" in report
+    assert "seen pairs (control)" in report
     assert all(Path(grid).is_file() for grid in results["grids"])
 
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)

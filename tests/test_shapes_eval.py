@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFilter
 
-from lit_star.data.shapes import WorldConfig, generate_world
-from lit_star.data.shapes_world import Scene, WorldObject, relations_between, render_scene
+from lit_star.data.shapes import WorldConfig, generate_world, seen_combination_prompts
+from lit_star.data.shapes_world import HELD_OUT_COMBOS, Scene, WorldObject, relations_between, render_scene
 from lit_star.eval import shapes_eval
 from lit_star.eval.shapes_eval import detect_objects, load_prompts, score_edits, score_geneval
 
@@ -179,3 +179,15 @@ def test_cli_prints_a_table_and_writes_json(world, tmp_path, capsys):
     bad.write_text('{"id": "x"}\n')
     assert shapes_eval.main(["--prompts", str(bad), "--images", str(tmp_path)]) == 2
     assert "lacks 'category'" in capsys.readouterr().err
+
+
+def test_seen_combination_control_set_uses_training_pairs_and_scores_its_scenes():
+    records = seen_combination_prompts(per_category=10)
+    assert records == seen_combination_prompts(per_category=10), "the control set must be deterministic"
+    assert {r["category"] for r in records} == set(shapes_eval.GENEVAL_CATEGORIES) and len(records) == 60
+    pairs = {(req["color"], req["shape"]) for r in records for req in r["include"] if "color" in req}
+    assert not pairs & set(HELD_OUT_COMBOS)
+    images = {r["id"]: render_scene(Scene.from_meta(r), 64) for r in records}
+    assert score_geneval(records, images)["overall"] == 1.0
+    wrong = {i: render_scene(Scene(r["background"], ()), 64) for i, r in zip(images, records)}
+    assert score_geneval(records, wrong)["overall"] == 0.0

@@ -139,6 +139,8 @@ def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
     if shapes:
         lines += ["", "## ShapesEval", "", f"Sampler: `{json.dumps(shapes['sampler'])}`", ""]
         sets = {"GenEval-style": shapes["geneval"]}
+        if "geneval_seen_combinations" in shapes:
+            sets["seen pairs (control)"] = shapes["geneval_seen_combinations"]
         if "knowledge_without_reasoning" in shapes:
             sets["riddles, no reasoning"] = shapes["knowledge_without_reasoning"]
             sets["riddles, reasoning"] = shapes["knowledge_with_reasoning"]

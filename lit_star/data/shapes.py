@@ -345,13 +345,14 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def _eval_prompts(rng: random.Random, categories, per_category: int, res: int, distinct: Callable[[str], bool]):
-    """``per_category`` held-out prompts per category; multi-object prompts have distinct captions."""
+def _eval_prompts(rng: random.Random, categories, per_category: int, res: int, distinct: Callable[[str], bool],
+                  held_out: bool = True):
+    """``per_category`` prompts per category; multi-object prompts have distinct captions."""
     for category in categories:
         seen: set[str] = set()
         made = attempts = 0
         while made < per_category:
-            prompt = sample_prompt(rng, category, True, res)
+            prompt = sample_prompt(rng, category, held_out, res)
             attempts += 1
             # Repeats are accepted only once distinct captions have clearly run out.
             if distinct(category) and prompt.caption in seen and attempts < 50 * per_category:
@@ -367,6 +368,18 @@ def _prompt_record(prompt_id: str, prompt: Prompt, res: int) -> dict:
     if prompt.exclude:
         record["exclude"] = prompt.exclude
     return record
+
+
+def seen_combination_prompts(per_category: int, seed: int = 0, resolution: int = 64) -> list[dict]:
+    """GenEval-style prompt records drawn like the training captions (no held-out colour/shape pair).
+
+    The control for the held-out eval set: a stack that fails these cannot draw what it was trained on,
+    while one that passes these but not the eval set fails at composing unseen pairs.
+    """
+    rng = random.Random(f"shapes:{seed}:eval:geneval_seen")
+    return [_prompt_record(f"seen_{prompt_id}", prompt, resolution)
+            for prompt_id, prompt in _eval_prompts(rng, GENEVAL_CATEGORIES, per_category, resolution,
+                                                   lambda c: c not in ("single_object", "colors"), held_out=False)]
 
 
 def write_eval_sets(out: Path, cfg: WorldConfig, bar) -> dict:

@@ -4,9 +4,10 @@
         --world runs/shapes_world --out runs/shapes/eval --cfg 3 --topk 64 --topp 1.0
 
 Writes under ``--out``: one folder of images per set (``geneval/``, ``knowledge_plain/``,
-``knowledge_reasoning/``, ``edit/`` with ``--edits``), each with its ``generations.jsonl``; an image
-grid per set and category (``grids/<set>_<category>.png``); and ``results.json`` with the scores,
-the sampler settings and the base's riddle answers.
+``knowledge_reasoning/``, ``edit/`` with ``--edits``, and with ``--seen-combinations N`` the control set
+``geneval_seen/``: N prompts per category whose colour/shape pairs occur in training), each with its
+``generations.jsonl``; an image grid per set and category (``grids/<set>_<category>.png``); and
+``results.json`` with the scores, the sampler settings and the base's riddle answers.
 
 The knowledge riddles are scored twice with the same seeds: drawn from the riddle text directly,
 and with implicit reasoning (the frozen base answers the riddle first and the stack draws its answer).
@@ -24,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lit_star.commands.generate import assign_ids_and_seeds, write_generations
+from lit_star.data.shapes import seen_combination_prompts
 from lit_star.eval.shapes_eval import format_table, load_prompts, score_edits, score_geneval
 from lit_star.sampling.decoding import DecodeOptions
 from lit_star.sampling.filtering import SamplerConfig
@@ -116,9 +118,14 @@ def evaluate_on_shapes(
     edits: bool = False,
     knowledge: bool = True,
     per_category: int | None = None,
+    seen_combinations: int = 0,
     log=print,
 ) -> dict:
-    """Generate and score the world's eval sets; returns (and writes) ``results.json``'s content."""
+    """Generate and score the world's eval sets; returns (and writes) ``results.json``'s content.
+
+    ``seen_combinations`` > 0 adds that many control prompts per category whose colour/shape pairs
+    occur in training (:func:`lit_star.data.shapes.seen_combination_prompts`).
+    """
     eval_dir, out = Path(world) / "eval", Path(out)
     if not eval_dir.is_dir():
         raise FileNotFoundError(f"{eval_dir} does not exist: generate the world first (python -m lit_star data shapes)")
@@ -129,6 +136,13 @@ def evaluate_on_shapes(
     _, results["geneval"] = _generate_and_score(star, records, out / "geneval", sampler, options, batch_size, seed, False)
     grids += write_category_grids(records, out / "geneval", out / "grids", "geneval")
     log("GenEval-style:\n" + format_table(results["geneval"]))
+
+    if seen_combinations:
+        records = seen_combination_prompts(seen_combinations, resolution=star.image_size)
+        _, results["geneval_seen_combinations"] = _generate_and_score(
+            star, records, out / "geneval_seen", sampler, options, batch_size, seed, False)
+        grids += write_category_grids(records, out / "geneval_seen", out / "grids", "geneval_seen")
+        log("GenEval-style, seen colour/shape pairs (control):\n" + format_table(results["geneval_seen_combinations"]))
 
     if knowledge:
         records = limit_per_category(load_prompts(eval_dir / "knowledge.jsonl"), per_category)
@@ -173,10 +187,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--edits", action="store_true", help="also run the edit set (needs an edit-trained stack)")
     parser.add_argument("--no-knowledge", action="store_true", help="skip the riddle sets (with/without reasoning)")
     parser.add_argument("--per-category", type=int, help="only the first N prompts of each category (smoke runs)")
+    parser.add_argument("--seen-combinations", type=int, default=0, metavar="N",
+                        help="also score N control prompts per category built from colour/shape pairs seen in training")
     args = parser.parse_args(argv)
     star = load_from_args(args)
     evaluate_on_shapes(
         star, args.world, args.out, sampler_from_args(args), decode_options_from_args(args), args.batch_size, args.seed,
         edits=args.edits, knowledge=not args.no_knowledge, per_category=args.per_category,
+        seen_combinations=args.seen_combinations,
     )
     return 0
