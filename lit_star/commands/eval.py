@@ -2,6 +2,7 @@
 
     python -m lit_star eval shapes --prompts P.jsonl --images DIR
     python -m lit_star eval understanding --base runs/shapes/stage0_base/hf --world runs/shapes_world
+    python -m lit_star eval prompt-probe --ckpt runs/shapes/stage2_stacked_ar/checkpoints/last.ckpt
 """
 
 from lit_star.commands._dispatch import dispatch
@@ -9,6 +10,7 @@ from lit_star.commands._dispatch import dispatch
 EVALS = {
     "shapes": ("ShapesEval: GenEval-style and edit scoring by colour segmentation (--ckpt: generate first).", "lit_star.eval.shapes_eval:main"),
     "understanding": ("VQA and riddle accuracy of a base VLM or of the frozen base in a stage 2 checkpoint.", "lit_star.eval.understanding:main"),
+    "prompt-probe": ("Where a stage 2 model keeps the prompt's colour and shape (nearest-centroid probe).", "lit_star.eval.prompt_probe:main"),
 }
 
 

@@ -1,0 +1,50 @@
+"""The prompt probe: leave-one-out nearest-centroid accuracy and the positions it reads."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from lit_star.data.shapes_world import COLORS, SHAPES, noun_phrase
+from lit_star.eval.prompt_probe import format_probe, nearest_centroid_accuracy, probe_prompt_states
+from lit_star.models.base_vlm import Qwen2_5_VLImageTextProcessor, build_image_processor, build_tiny_base_vlm
+from lit_star.models.sequence_layout import SequenceLayout
+from lit_star.models.stacked_ar import StackedAR
+from lit_star.models.tokenizer import train_qwen2_tokenizer
+from lit_star.models.vq import VQConfig, VQModel
+from lit_star.sampling.modes import Star
+
+
+def test_nearest_centroid_accuracy_separates_clusters_and_leaves_the_row_out():
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    separated = torch.tensor([[1.0, 0.0], [0.9, 0.1], [1.0, 0.05], [0.0, 1.0], [0.1, 0.9], [0.05, 1.0]])
+    assert nearest_centroid_accuracy(separated, labels) == 1.0
+    # Left out, each row's own class mean is its partner on the other axis: all wrong. With the row
+    # kept in, both class means would tie.
+    crossed = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    assert nearest_centroid_accuracy(crossed, torch.tensor([0, 0, 1, 1])) == 0.0
+    with pytest.raises(ValueError, match="at least two rows"):
+        nearest_centroid_accuracy(separated[:4], torch.tensor([0, 0, 0, 1]))
+
+
+def test_probe_reads_the_colour_word_and_the_first_code_position():
+    corpus = [noun_phrase(c, s) for c, s in itertools.product(COLORS, SHAPES)] * 20
+    tokenizer = train_qwen2_tokenizer(corpus, vocab_size=400, min_frequency=1)
+    torch.manual_seed(0)
+    base = build_tiny_base_vlm(tokenizer, "micro").eval()
+    model = StackedAR(base, num_stack_layers=1, adapter_depth=2, codebook_size=16, codebook_dim=8).eval()
+    vq = VQModel(VQConfig(codebook_size=16, codebook_embed_dim=8, z_channels=32, ch=32, encoder_ch_mult=[1, 2],
+                          decoder_ch_mult=[1, 2], num_res_blocks=1, attn_num_heads=1)).eval()
+    processor = Qwen2_5_VLImageTextProcessor(image_processor=build_image_processor("micro"), tokenizer=tokenizer)
+    results = probe_prompt_states(Star(model, vq, processor, SequenceLayout(tokenizer, base.config), 8))
+    # Causal attention: at the colour word nothing depends on the shape that follows, so colour is read
+    # perfectly and shape never: left out, a row is missing only from its own shape's centroid, which
+    # makes that centroid the farthest one.
+    assert results["base @ colour word"] == {"colour": 1.0, "shape": 0.0}
+    assert results["stack @ colour word"]["colour"] == 1.0
+    assert results["base @ shape word"]["shape"] > 0.9
+    assert set(results) == {f"{part} @ {where}" for part in ("base", "stack")
+                            for where in ("colour word", "shape word", "first code")}
+    assert "chance: colour 0.10, shape 0.20" in format_probe(results)
