@@ -87,7 +87,9 @@ class TinyBaseSpec:
 
 TINY_FLAVOURS: dict[str, TinyBaseSpec] = {
     # The Shapes world base: ~1.2M parameters (text 4 x 128, vision 2 x 64), stage 0 in minutes on one CPU core.
-    "tiny": TinyBaseSpec(),
+    # Interleaved M-RoPE at theta 1000 gives the image grid's rows and columns rotations of 0.65 and
+    # 0.42 rad per cell (Qwen's split at theta 1e4: 0.1 and 0.0032), and text 1 down to 0.0015 rad per token.
+    "tiny": TinyBaseSpec(interleaved_mrope=True, rope_theta=1000.0),
     # For unit tests: builds and runs a forward pass in milliseconds.
     "micro": TinyBaseSpec(
         hidden_size=64,
