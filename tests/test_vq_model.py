@@ -319,3 +319,17 @@ def test_local_encoder_codes_depend_on_the_neighbourhood_only(local):
     if local:
         assert not any(name.startswith("encoder.") and ".attn" in name for name, _ in vq.named_parameters())
         assert {n for n, _ in vq.named_parameters()} >= {"encoder.norm_out.weight", "decoder.mid.1.q.weight"}
+
+
+def test_local_encoder_vq_refuses_the_reference_export(tmp_path, capsys):
+    torch.manual_seed(0)
+    local = VQModel(vq_config("tiny", local_encoder=True)).eval()
+    source = local.save_pretrained(tmp_path / "local")
+    with pytest.raises(SystemExit):
+        export.main(["vq", "--ckpt", str(source), "--out", str(tmp_path / "reference")])
+    assert "local encoder" in capsys.readouterr().err
+    assert not (tmp_path / "reference" / "VQ-Model.pt").exists()
+    assert export.main(["vq", "--ckpt", str(source), "--out", str(tmp_path / "st"), "--format", "safetensors"]) == 0
+    reloaded = VQModel.from_pretrained(tmp_path / "st").eval()
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert reloaded.config.local_encoder and torch.equal(reloaded.encode_to_codes(images), local.encode_to_codes(images))

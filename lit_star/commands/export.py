@@ -1,6 +1,6 @@
 """Export trained stages for release or for other tools: ``python -m lit_star export <kind> ...``.
 
-    python -m lit_star export vq --ckpt runs/shapes_vq/checkpoints/last.ckpt --out exports/shapes_vq
+    python -m lit_star export vq --ckpt runs/shapes/stage1_vq/checkpoints/last.ckpt --out exports/shapes_vq --format safetensors
     python -m lit_star export vq --ckpt VQ-Model.pt --flavour star-vq --out exports/star_vq --format safetensors
     python -m lit_star export base --ckpt runs/shapes/stage0_base/checkpoints/last.ckpt --out exports/shapes_base
 
@@ -10,6 +10,9 @@
 * ``--format safetensors``: ``OUT/model.safetensors`` + ``OUT/config.json``, read by
   ``VQModel.from_pretrained(OUT)``;
 * ``--format both`` (default): all three files.
+
+A VQ with ``local_encoder`` (the Shapes recipe's) exports as safetensors only: the reference code would
+build its global encoder around a ``VQ-Model.pt``.
 
 Every written file is reloaded strictly and compared tensor by tensor before the command succeeds.
 Other stages register their own kind in ``EXPORTS``.
@@ -51,6 +54,9 @@ def export_vq(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     model = load_vq(args.ckpt, args.flavour)
+    if model.config.local_encoder and args.format != "safetensors":
+        parser.error(f"{args.ckpt} has a local encoder (VQConfig.local_encoder), which the reference code cannot "
+                     "build: a VQ-Model.pt would load into a different encoder. Use --format safetensors.")
     state = model.reference_state_dict()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -156,16 +156,14 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
-class PositionwiseLayerNorm(nn.Module):
-    """LayerNorm over the channels of each position of a B x C x H x W map (GroupNorm's parameter names)."""
+class PositionwiseLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the channels of each position of a B x C x H x W map."""
 
     def __init__(self, channels: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
+        super().__init__(channels, eps=1e-6)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, 1e-6).permute(0, 3, 1, 2)
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def conv3x3(in_channels: int, out_channels: int, local: bool) -> nn.Conv2d:
