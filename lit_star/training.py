@@ -8,8 +8,8 @@ What every run gets without asking:
 
 * one run directory (``trainer.default_root_dir``) holding ``tensorboard/`` and ``checkpoints/``;
 * a ``last.ckpt`` plus periodic ``step########.ckpt`` files (``--checkpoint.every_n_train_steps``),
-  ``last.ckpt`` also at the final step whatever the period, each written atomically (temporary file, fsync, rename) so a kill during a save leaves the
-  previous ``last`` intact;
+  ``last.ckpt`` also at the final step whatever the period, each written atomically (temporary file,
+  fsync, rename) so a kill during a save leaves the previous ``last`` intact;
 * ``seed_everything(seed, workers=True)`` before any class is built (``--seed_everything``);
 * ``${...}`` interpolation resolved after every ``--config`` file and command-line override merged.
 """
