@@ -16,8 +16,11 @@ from lit_star.models.base_vlm import (
     build_tiny_base_vlm,
     save_base_vlm,
 )
+from lit_star.models.sequence_layout import SequenceLayout
+from lit_star.models.stacked_ar import StackedAR
 from lit_star.models.tokenizer import train_qwen2_tokenizer
-from lit_star.models.vq import VQModel, vq_config
+from lit_star.models.vq import VQConfig, VQModel, vq_config
+from lit_star.sampling.modes import Star
 
 CAPTIONS = ["a red circle above a blue square", "two green triangles", "a yellow circle", "a blue square"]
 QUESTIONS = ["How many circles are there?", "What colour is the square?"]
@@ -41,6 +44,20 @@ def write_micro_base(directory: Path, seed: int = 0) -> Path:
 def write_small_vq(directory: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     return VQModel(vq_config("tiny", **VQ_OVERRIDES)).save_pretrained(directory)
+
+
+def build_micro_star(
+    corpus: list[str], codebook_size: int, codebook_dim: int, image_size: int, vocab_size: int = 300, seed: int = 0
+) -> Star:
+    """An in-memory micro Star (1 stack layer, 2x VQ) with a tokenizer trained on ``corpus``, in eval mode."""
+    tokenizer = train_qwen2_tokenizer(corpus, vocab_size=vocab_size, min_frequency=1)
+    torch.manual_seed(seed)
+    base = build_tiny_base_vlm(tokenizer, "micro").eval()
+    model = StackedAR(base, num_stack_layers=1, adapter_depth=2, codebook_size=codebook_size, codebook_dim=codebook_dim)
+    vq = VQModel(VQConfig(codebook_size=codebook_size, codebook_embed_dim=codebook_dim, z_channels=32, ch=32,
+                          encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2], num_res_blocks=1, attn_num_heads=1))
+    processor = Qwen2_5_VLImageTextProcessor(image_processor=build_image_processor("micro"), tokenizer=tokenizer)
+    return Star(model.eval(), vq.eval(), processor, SequenceLayout(tokenizer, base.config), image_size)
 
 
 class TextToImageSamples(Dataset):

@@ -9,12 +9,7 @@ import torch
 
 from lit_star.data.shapes_world import COLORS, SHAPES, noun_phrase
 from lit_star.eval.prompt_probe import format_probe, nearest_centroid_accuracy, probe_prompt_states
-from lit_star.models.base_vlm import Qwen2_5_VLImageTextProcessor, build_image_processor, build_tiny_base_vlm
-from lit_star.models.sequence_layout import SequenceLayout
-from lit_star.models.stacked_ar import StackedAR
-from lit_star.models.tokenizer import train_qwen2_tokenizer
-from lit_star.models.vq import VQConfig, VQModel
-from lit_star.sampling.modes import Star
+from tests.stage2_fixtures import build_micro_star
 
 
 def test_nearest_centroid_accuracy_separates_clusters_and_leaves_the_row_out():
@@ -31,14 +26,7 @@ def test_nearest_centroid_accuracy_separates_clusters_and_leaves_the_row_out():
 
 def test_probe_reads_the_colour_word_and_the_first_code_position():
     corpus = [noun_phrase(c, s) for c, s in itertools.product(COLORS, SHAPES)] * 20
-    tokenizer = train_qwen2_tokenizer(corpus, vocab_size=400, min_frequency=1)
-    torch.manual_seed(0)
-    base = build_tiny_base_vlm(tokenizer, "micro").eval()
-    model = StackedAR(base, num_stack_layers=1, adapter_depth=2, codebook_size=16, codebook_dim=8).eval()
-    vq = VQModel(VQConfig(codebook_size=16, codebook_embed_dim=8, z_channels=32, ch=32, encoder_ch_mult=[1, 2],
-                          decoder_ch_mult=[1, 2], num_res_blocks=1, attn_num_heads=1)).eval()
-    processor = Qwen2_5_VLImageTextProcessor(image_processor=build_image_processor("micro"), tokenizer=tokenizer)
-    results = probe_prompt_states(Star(model, vq, processor, SequenceLayout(tokenizer, base.config), 8))
+    results = probe_prompt_states(build_micro_star(corpus, codebook_size=16, codebook_dim=8, image_size=8, vocab_size=400))
     # Causal attention: at the colour word nothing depends on the shape that follows, so colour is read
     # perfectly and shape never: left out, a row is missing only from its own shape's centroid, which
     # makes that centroid the farthest one.

@@ -9,17 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lit_star.models.base_vlm import (
-    Qwen2_5_VLImageTextProcessor,
-    build_image_processor,
-    build_tiny_base_vlm,
-    generate_answers,
-    load_processor,
-)
-from lit_star.models.sequence_layout import IGNORE_INDEX, SequenceLayout
+from lit_star.models.base_vlm import generate_answers, load_processor
+from lit_star.models.sequence_layout import IGNORE_INDEX
 from lit_star.models.stacked_ar import StackedAR, save_stacked_ar
-from lit_star.models.tokenizer import train_qwen2_tokenizer
-from lit_star.models.vq import VQConfig, VQModel
+from lit_star.models.vq import VQModel
 from lit_star.sampling.decoding import DecodeOptions, decode_image_codes, decode_image_codes_without_cache
 from lit_star.sampling.filtering import (
     SamplerConfig,
@@ -40,7 +33,7 @@ from lit_star.sampling.modes import (
     reason_then_generate,
     text_to_image_prefix,
 )
-from tests.stage2_fixtures import write_micro_base, write_small_vq
+from tests.stage2_fixtures import build_micro_star, write_micro_base, write_small_vq
 
 CORPUS = ["a red circle above a blue square", "two green triangles", "make the circle blue", "a yellow circle"] * 20
 PROMPTS = ["a red circle", "two green triangles above a blue square", "a yellow circle", "make the circle blue"]
@@ -51,17 +44,11 @@ SAMPLED = SamplerConfig(cfg_scale=3.0, temperature=1.0, top_k=20, top_p=0.9)
 
 @pytest.fixture(scope="module")
 def star() -> Star:
-    tokenizer = train_qwen2_tokenizer(CORPUS, vocab_size=300, min_frequency=1)
-    torch.manual_seed(0)
-    base = build_tiny_base_vlm(tokenizer, "micro").eval()
-    model = StackedAR(base, num_stack_layers=1, adapter_depth=2, codebook_size=CODEBOOK_SIZE, codebook_dim=CODEBOOK_DIM)
-    vq = VQModel(VQConfig(codebook_size=CODEBOOK_SIZE, codebook_embed_dim=CODEBOOK_DIM, z_channels=32, ch=32,
-                          encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2], num_res_blocks=1, attn_num_heads=1))
+    star = build_micro_star(CORPUS, CODEBOOK_SIZE, CODEBOOK_DIM, IMAGE_SIZE)
     with torch.no_grad():  # distinct codebook vectors and a sharp head, so greedy codes vary along the image
-        vq.quantize.embedding.weight.normal_()
-        model.pixel_head.weight.mul_(20.0)
-    processor = Qwen2_5_VLImageTextProcessor(image_processor=build_image_processor("micro"), tokenizer=tokenizer)
-    return Star(model.eval(), vq.eval(), processor, SequenceLayout(tokenizer, base.config), IMAGE_SIZE)
+        star.vq.quantize.embedding.weight.normal_()
+        star.model.pixel_head.weight.mul_(20.0)
+    return star
 
 
 def _image(seed: int, size: int = 64) -> Image.Image:

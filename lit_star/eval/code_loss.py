@@ -1,0 +1,145 @@
+"""Where a stage 2 model's image-token loss goes, by region of the Shapes world's images.
+
+    python -m lit_star eval code-loss --ckpt runs/shapes_curriculum/stage2_stacked_ar/checkpoints/last.ckpt \\
+        --shards 'runs/shapes_curriculum/world/t2i_codes/val-*.tar' --limit 200
+
+Every code of a pre-tokenized validation image is put in one region, from the scene metadata:
+
+* ``object start``: the first code, in raster (generation) order, whose patch overlaps an object's box;
+  the code where the model has to commit to that object's colour and shape;
+* ``object``: the other codes overlapping an object's box;
+* ``ring 1`` / ``ring 2``: background codes one / two patches away from an object's box;
+* ``background``: the rest.
+
+For each region it prints the mean cross-entropy with the prompt, without it (the reference's
+unconditional CFG row), and their difference (what the prompt is worth there). Codes of a tokenizer
+whose codes see beyond their own patch make the rings expensive: they announce an object before its
+first pixel, which the model cannot know yet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lit_star.models.sequence_layout import IGNORE_INDEX, collate_padded
+from lit_star.sampling.modes import Star
+
+REGIONS = ("object start", "object", "ring 1", "ring 2", "background")
+
+
+def code_regions(objects: Sequence[Mapping], grid: int, resolution: int) -> list[str]:
+    """Region name of each of the ``grid x grid`` codes (raster order) of an image with these objects
+    (scene metadata: ``bbox`` = x0, y0, x1, y1 in pixels of a ``resolution`` px image)."""
+    patch = resolution / grid
+    distance = np.full((grid, grid), np.inf)  # Chebyshev distance, in patches, to the nearest object box
+    regions = np.full((grid, grid), "background", dtype=object)
+    for obj in objects:
+        x0, y0, x1, y1 = obj["bbox"]
+        index = np.arange(grid)
+        # First and last patch each box overlaps (a box ending on a patch border does not reach the next).
+        r0, r1 = int(y0 // patch), int(np.ceil(y1 / patch)) - 1
+        c0, c1 = int(x0 // patch), int(np.ceil(x1 / patch)) - 1
+        dy = np.maximum(np.maximum(r0 - index, index - r1), 0)
+        dx = np.maximum(np.maximum(c0 - index, index - c1), 0)
+        distance = np.minimum(distance, np.maximum(dy[:, None], dx[None, :]))
+        regions[r0 : r1 + 1, c0 : c1 + 1] = "object"
+    for obj in objects:
+        x0, y0, x1, y1 = obj["bbox"]
+        regions[int(y0 // patch), int(x0 // patch)] = "object start"
+    regions[(regions == "background") & (distance == 1)] = "ring 1"
+    regions[(regions == "background") & (distance == 2)] = "ring 2"
+    return regions.reshape(-1).tolist()
+
+
+@torch.no_grad()
+def per_code_losses(star: Star, captions: Sequence[str], codes: torch.Tensor, unconditional: bool) -> torch.Tensor:
+    """B x (h*w) teacher-forced cross-entropy of every code, with the training layout."""
+    layout, model = star.layout, star.model
+    batch = collate_padded(
+        [layout.text_to_image(c, x, unconditional=unconditional) for c, x in zip(captions, codes)], layout.special.pad
+    ).to(star.device)
+    embeds = model.embed_inputs(batch.input_ids, batch.code_mask, star.codebook(batch.code_ids))
+    hidden = model(embeds.to(model.base.dtype), batch.position_ids, batch.attention_mask)
+    rows = []
+    for row in range(len(captions)):
+        targets = batch.labels[row][batch.labels[row] != IGNORE_INDEX]
+        logits = model.logits(hidden[row][batch.labels[row] != IGNORE_INDEX]).float()
+        rows.append(F.cross_entropy(logits, targets, reduction="none"))
+    return torch.stack(rows).cpu()
+
+
+def code_loss_by_region(star: Star, batches, limit: int | None = None) -> dict[str, dict]:
+    """Mean loss with and without the prompt per region (see the module docstring) over ``batches`` of
+    ``caption``, ``meta`` and ``codes`` (an ``ImageTextDataModule`` loader of pre-tokenized shards)."""
+    factor = star.vq.config.downsample_factor
+    sums = {region: torch.zeros(2, dtype=torch.float64) for region in REGIONS}
+    counts = dict.fromkeys(REGIONS, 0)
+    seen = 0
+    for batch in batches:
+        take = len(batch["caption"]) if limit is None else min(len(batch["caption"]), limit - seen)
+        if take <= 0:
+            break
+        captions, codes, metas = batch["caption"][:take], batch["codes"][:take].long(), batch["meta"][:take]
+        losses = torch.stack([per_code_losses(star, captions, codes, unconditional) for unconditional in (False, True)])
+        grid = codes.shape[-1]
+        for row, meta in enumerate(metas):  # boxes are in pixels of the tokenized image
+            for position, region in enumerate(code_regions(meta["objects"], grid, grid * factor)):
+                sums[region] += losses[:, row, position].double()
+                counts[region] += 1
+        seen += take
+    if seen == 0:
+        raise ValueError("no validation samples to score")
+    results = {}
+    for region in REGIONS:
+        n = counts[region]
+        conditional, unconditional = (sums[region] / max(n, 1)).tolist()
+        results[region] = {"codes": n, "loss": conditional, "loss_unconditional": unconditional,
+                           "prompt_gain": unconditional - conditional, "share_of_loss": float(sums[region][0])}
+    total = sum(r["share_of_loss"] for r in results.values())
+    for r in results.values():
+        r["share_of_loss"] = r["share_of_loss"] / total if total else 0.0
+    results["images"] = seen
+    return results
+
+
+def format_code_loss(results: dict) -> str:
+    lines = [f"{'region':<14}{'codes':>8}{'loss':>8}{'no prompt':>11}{'gain':>8}{'share':>8}", "-" * 57]
+    for region in REGIONS:
+        r = results[region]
+        lines.append(f"{region:<14}{r['codes']:>8}{r['loss']:>8.3f}{r['loss_unconditional']:>11.3f}"
+                     f"{r['prompt_gain']:>8.3f}{r['share_of_loss']:>8.2f}")
+    lines.append(f"{results['images']} images; loss in nats per code; share: of the summed loss with the prompt")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """``python -m lit_star eval code-loss --ckpt ... --shards ...``: print (and optionally write) the table."""
+    import argparse
+
+    from lit_star.commands.generate import add_model_args, load_from_args
+    from lit_star.data import ImageTextDataModule
+
+    parser = argparse.ArgumentParser(prog="python -m lit_star eval code-loss", description=__doc__.split("\n\n")[0])
+    add_model_args(parser)
+    parser.add_argument("--shards", required=True, help="pre-tokenized Shapes validation shards (codes.npy + txt + json)")
+    parser.add_argument("--limit", type=int, default=200, help="score the first N images (default 200)")
+    parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--out", help="write the table to this JSON file")
+    args = parser.parse_args(argv)
+    star = load_from_args(args)
+    data = ImageTextDataModule(
+        val_shards=args.shards, image_key=None, codes_key="codes.npy", batch_size=args.batch_size,
+        val_batch_size=args.batch_size, num_workers=0,
+    )
+    data.setup("validate")
+    results = code_loss_by_region(star, data.val_dataloader(), args.limit)
+    print(format_code_loss(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    return 0
