@@ -301,24 +301,28 @@ def test_bench_quantize_runs_and_checks_codes(capsys):
 
 
 @pytest.mark.parametrize("local", [False, True])
-def test_local_encoder_codes_depend_on_the_neighbourhood_only(local):
-    # The reference encoder's GroupNorm statistics and attention span the whole image, so a change in
-    # one corner moves the latents at the opposite corner and a flat image gets position-dependent
-    # latents (zero padding). The local encoder must do neither.
+def test_local_encoder_codes_depend_on_their_own_patch_only(local):
+    # The reference encoder's GroupNorm statistics and attention span the whole image, and its 3x3
+    # convolutions let a code see pixels several patches away, so an object moves the latents around it
+    # and at the opposite corner. A local encoder's latent at (i, j) must be a function of pixel patch
+    # (i, j) alone: a flat image has one latent, and changing one patch changes exactly one latent.
     torch.manual_seed(0)
     vq = VQModel(vq_config("tiny", local_encoder=local)).eval()
+    factor = vq.config.downsample_factor
     flat = torch.full((1, 3, 64, 64), 0.9)
     spotted = flat.clone()
-    spotted[:, :, 56:, 56:] = -0.5
+    spotted[:, :, 5 * factor : 6 * factor, 7 * factor : 8 * factor] = -0.5  # exactly patch (5, 7)
     with torch.no_grad():
         latent_flat, latent_spotted = (vq.quant_conv(vq.encoder(x))[0] for x in (flat, spotted))
     distinct_flat = torch.unique(latent_flat.flatten(1).T, dim=0).shape[0]
-    far_corner_moved = not torch.equal(latent_flat[:, :2, :2], latent_spotted[:, :2, :2])
+    moved = (latent_flat != latent_spotted).any(0)
     assert (distinct_flat == 1) == local
-    assert far_corner_moved == (not local)
     if local:
+        assert moved.nonzero().tolist() == [[5, 7]]
         assert not any(name.startswith("encoder.") and ".attn" in name for name, _ in vq.named_parameters())
         assert {n for n, _ in vq.named_parameters()} >= {"encoder.norm_out.weight", "decoder.mid.1.q.weight"}
+    else:
+        assert moved[4:7, 6:9].all() and moved[0, 0]
 
 
 def test_local_encoder_vq_refuses_the_reference_export(tmp_path, capsys):

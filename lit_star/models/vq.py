@@ -58,11 +58,12 @@ class VQConfig:
     num_res_blocks: int = 2
     attn_num_heads: int = 1
     dropout_p: float = 0.0
-    # A local encoder makes each code a function of its neighbourhood only: a per-position channel
-    # LayerNorm instead of GroupNorm (whose statistics span the whole image), no self-attention, and
-    # replicate instead of zero padding. The reference encoder is global: adding one object in a corner
-    # changes every code of the image, so equal-looking patches get image-specific codes that a small
-    # AR model must learn to predict. The decoder is unchanged. Not in the reference (False there).
+    # A local encoder makes each code a function of its own f x f pixel patch (f = downsample_factor)
+    # only: 1x1 convolutions, non-overlapping 2x2 stride-2 downsampling, a per-position channel LayerNorm
+    # instead of GroupNorm (whose statistics span the whole image) and no self-attention. The reference
+    # encoder is global: one object in a corner changes every code of the image, and codes next to an
+    # object depend on it, so an AR model must predict an object before reaching its first pixel. The
+    # decoder is unchanged (it sees all codes). Not in the reference (False there).
     local_encoder: bool = False
     # Codebook projector (FVQ "VQBridge"): training only, folded into the codebook at export.
     codebook_projector: bool = False
@@ -166,8 +167,11 @@ class PositionwiseLayerNorm(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def conv3x3(in_channels: int, out_channels: int, local: bool) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, padding_mode="replicate" if local else "zeros")
+def spatial_conv(in_channels: int, out_channels: int, local: bool) -> nn.Conv2d:
+    """The reference's 3x3 convolution; 1x1 in a local encoder, so no position sees its neighbours."""
+    if local:
+        return nn.Conv2d(in_channels, out_channels, kernel_size=1)
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
 
 
 class ResnetBlock(nn.Module):
@@ -175,10 +179,10 @@ class ResnetBlock(nn.Module):
         super().__init__()
         norm = PositionwiseLayerNorm if local else group_norm
         self.norm1 = norm(in_channels)
-        self.conv1 = conv3x3(in_channels, out_channels, local)
+        self.conv1 = spatial_conv(in_channels, out_channels, local)
         self.norm2 = norm(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = conv3x3(out_channels, out_channels, local)
+        self.conv2 = spatial_conv(out_channels, out_channels, local)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
@@ -216,14 +220,18 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
+    """Stride-2 3x3 conv (the reference's); in a local encoder a 2x2 conv over non-overlapping blocks."""
+
     def __init__(self, channels: int, local: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
-        self.pad_mode = "replicate" if local else "constant"
+        self.local = local
+        self.conv = nn.Conv2d(channels, channels, kernel_size=2 if local else 3, stride=2, padding=0)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.local:
+            return self.conv(x)
         # Asymmetric (left 0, right 1, top 0, bottom 1) padding: torch convs only pad symmetrically.
-        return self.conv(F.pad(x, (0, 1, 0, 1), mode=self.pad_mode))
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
@@ -241,7 +249,7 @@ class Encoder(nn.Module):
     def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int, dropout: float,
                  attn_num_heads: int, in_channels: int = 3, local: bool = False):
         super().__init__()
-        self.conv_in = conv3x3(in_channels, ch, local)
+        self.conv_in = spatial_conv(in_channels, ch, local)
         self.conv_blocks = nn.ModuleList()
         block_in = ch
         for level, mult in enumerate(ch_mult):
@@ -262,7 +270,7 @@ class Encoder(nn.Module):
             ResnetBlock(block_in, block_in, dropout, local), *middle, ResnetBlock(block_in, block_in, dropout, local),
         ])
         self.norm_out = PositionwiseLayerNorm(block_in) if local else group_norm(block_in)
-        self.conv_out = conv3x3(block_in, z_channels, local)
+        self.conv_out = spatial_conv(block_in, z_channels, local)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
