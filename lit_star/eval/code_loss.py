@@ -67,10 +67,9 @@ def per_code_losses(star: Star, captions: Sequence[str], codes: torch.Tensor, un
     embeds = model.embed_inputs(batch.input_ids, batch.code_mask, star.codebook(batch.code_ids))
     hidden = model(embeds.to(model.base.dtype), batch.position_ids, batch.attention_mask)
     rows = []
-    for row in range(len(captions)):
-        targets = batch.labels[row][batch.labels[row] != IGNORE_INDEX]
-        logits = model.logits(hidden[row][batch.labels[row] != IGNORE_INDEX]).float()
-        rows.append(F.cross_entropy(logits, targets, reduction="none"))
+    for states, labels in zip(hidden, batch.labels):  # one row's logits at a time: B x T x K would be large
+        coded = labels != IGNORE_INDEX
+        rows.append(F.cross_entropy(model.logits(states[coded]).float(), labels[coded], reduction="none"))
     return torch.stack(rows).cpu()
 
 
