@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from lit_star.commands.curriculum import load_curriculum
+from lit_star.commands.curriculum import busy_seconds, load_curriculum, run_curriculum
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = [str(REPO / "recipes/shapes/curriculum.yaml"), str(REPO / "recipes/shapes/curriculum_smoke.yaml")]
@@ -23,6 +24,67 @@ def test_curriculum_config_resolves_and_names_missing_keys(tmp_path):
     broken.write_text("run_dir: x\nsteps:\n  world:\n    argv: [data, shapes]\n")
     with pytest.raises(KeyError, match="step 'world' lacks 'output'"):
         load_curriculum([str(broken)])
+
+
+# Stands in for `python -m lit_star ...`: sleeps, then records when it ran and with how many threads.
+FAKE_STEP = """
+import json, os, sys, time
+seconds, output = float(sys.argv[1]), sys.argv[2]
+start = time.time()
+time.sleep(abs(seconds))
+print("fake step ran", flush=True)
+if seconds < 0:
+    sys.exit(3)
+open(output, "w").write(json.dumps({"start": start, "end": time.time(), "threads": os.environ["OMP_NUM_THREADS"]}))
+"""
+
+
+def _fake_curriculum(tmp_path, b_seconds: float = 1.0):
+    (tmp_path / "fake_step.py").write_text(FAKE_STEP)
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    steps = {
+        "a": dict(argv=["0.1", f"{out}/a"], output=f"{out}/a"),
+        "b": dict(after=["a"], threads=1, argv=[str(b_seconds), f"{out}/b"], output=f"{out}/b"),
+        "c": dict(after=["a"], threads=1, argv=["1.0", f"{out}/c"], output=f"{out}/c"),
+        "d": dict(argv=["0.1", f"{out}/d"], output=f"{out}/d"),  # no `after`: waits for c, the step before it
+    }
+    config = OmegaConf.create({"run_dir": str(tmp_path / "run"), "threads": 2, "steps": steps})
+    path = tmp_path / "fake.yaml"
+    OmegaConf.save(config, path)
+    return load_curriculum([str(path)]), (sys.executable, str(tmp_path / "fake_step.py")), out
+
+
+def test_independent_steps_share_the_cores_and_dependents_wait(tmp_path):
+    config, command, out = _fake_curriculum(tmp_path)
+    timings = run_curriculum(config, log=lambda *_: None, command=command)
+    ran = {name: json.loads((out / name).read_text()) for name in "abcd"}
+    assert ran["b"]["start"] < ran["c"]["end"] and ran["c"]["start"] < ran["b"]["end"], "b and c did not overlap"
+    assert ran["b"]["start"] >= ran["a"]["end"] and ran["c"]["start"] >= ran["a"]["end"]
+    assert ran["d"]["start"] >= ran["c"]["end"]
+    assert {name: ran[name]["threads"] for name in "abcd"} == {"a": "2", "b": "1", "c": "1", "d": "2"}
+    assert "fake step ran" in (tmp_path / "run/logs/b.log").read_text()
+    assert busy_seconds(timings) < sum(t["seconds"] for t in timings.values()) - 0.5
+
+
+def test_a_failed_step_lets_running_steps_finish_and_starts_nothing_after(tmp_path):
+    config, command, out = _fake_curriculum(tmp_path, b_seconds=-0.5)
+    with pytest.raises(RuntimeError, match=r"'b' \(exit code 3.*fake step ran"):
+        run_curriculum(config, log=lambda *_: None, command=command)
+    assert (out / "c").exists() and not (out / "d").exists()
+    assert sorted(p.name for p in (tmp_path / "run/done").iterdir()) == ["a", "c"]
+
+
+def test_step_dependencies_and_threads_are_checked_before_anything_runs(tmp_path):
+    base = {"run_dir": str(tmp_path), "threads": 2}
+    later = {**base, "steps": {"a": {"after": ["b"], "argv": [], "output": "x"}, "b": {"argv": [], "output": "y"}}}
+    OmegaConf.save(OmegaConf.create(later), tmp_path / "later.yaml")
+    with pytest.raises(KeyError, match="'a' runs after 'b', which comes later"):
+        load_curriculum([str(tmp_path / "later.yaml")])
+    greedy = {**base, "steps": {"a": {"threads": 4, "argv": [], "output": "x"}}}
+    OmegaConf.save(OmegaConf.create(greedy), tmp_path / "greedy.yaml")
+    with pytest.raises(ValueError, match="'a' asks for 4 threads; the curriculum has threads: 2"):
+        load_curriculum([str(tmp_path / "greedy.yaml")])
 
 
 @pytest.mark.slow

@@ -3,15 +3,19 @@
     python -m lit_star curriculum recipes/shapes/curriculum.yaml
     python -m lit_star curriculum recipes/shapes/curriculum.yaml recipes/shapes/curriculum_smoke.yaml --run-dir /tmp/cur
 
-A curriculum YAML has a ``run_dir`` and an ordered mapping ``steps``. Each step is one
-``python -m lit_star ...`` invocation (``argv`` + ``extra_args``) and the ``output`` it must leave.
+A curriculum YAML has a ``run_dir``, a CPU thread budget ``threads`` and a mapping ``steps``. Each step is
+one ``python -m lit_star ...`` invocation (``argv`` + ``extra_args``) and the ``output`` it must leave.
+A step starts once the earlier steps it names in ``after`` are done (default: the step before it) and
+its ``threads`` (default: all of them) are free, so independent steps, stage 0 and stage 1 say, run side
+by side with a core each. Each step gets ``OMP_NUM_THREADS`` = its threads and writes its output to
+``<run_dir>/logs/<step>.log`` (echoed to the console when the step runs alone).
+
 A finished step is marked in ``<run_dir>/done/<step>`` and skipped next time, so rerunning the same
-command resumes after the last finished step; a step that was interrupted is rerun, with
-``resume_args`` appended when its ``resume_when`` path exists (``--ckpt_path last`` for training).
-Several YAML files merge in order (OmegaConf) and ``${run_dir}``-style interpolations resolve
-after merging. ``env`` entries are exported to every step (the Shapes recipes take their world and
-run directories from ``SHAPES_WORLD`` / ``SHAPES_RUNS``). Each step runs in its own process so memory
-and thread settings start fresh. Wall times go to ``<run_dir>/timings.json``.
+command resumes; a step that was interrupted is rerun, with ``resume_args`` appended when its
+``resume_when`` path exists (``--ckpt_path last`` for training). Several YAML files merge in order
+(OmegaConf) and ``${run_dir}``-style interpolations resolve after merging. ``env`` entries are exported
+to every step (the Shapes recipes take their world and run directories from ``SHAPES_WORLD`` /
+``SHAPES_RUNS``). Wall times go to ``<run_dir>/timings.json`` and the report.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -39,46 +45,160 @@ def load_curriculum(paths: list[str], run_dir: str | None = None) -> DictConfig:
     for key in ("run_dir", "steps"):
         if key not in config:
             raise KeyError(f"curriculum config lacks the top-level key {key!r} (files: {paths})")
+    total_threads = int(config.get("threads", os.cpu_count() or 1))
+    earlier: list[str] = []
     for name, step in config.steps.items():
         for key in ("argv", "output"):
             if key not in step:
                 raise KeyError(f"curriculum step {name!r} lacks {key!r}")
+        for needed in step_dependencies(config, name):
+            if needed not in earlier:
+                where = "is not a step" if needed not in config.steps else "comes later in the file"
+                raise KeyError(f"curriculum step {name!r} runs after {needed!r}, which {where}; "
+                               f"`after` may name only earlier steps: {earlier}")
+        threads = step.get("threads")
+        if threads is not None and not 1 <= int(threads) <= total_threads:
+            raise ValueError(f"curriculum step {name!r} asks for {threads} threads; the curriculum has "
+                             f"threads: {total_threads}")
+        earlier.append(name)
     OmegaConf.resolve(config)
     return config
 
 
-def run_curriculum(config: DictConfig, only: list[str] | None = None, log=print) -> dict[str, dict]:
+def step_dependencies(config: DictConfig, name: str) -> list[str]:
+    """The steps ``name`` waits for: its ``after`` list, or else the step before it in the file."""
+    step = config.steps[name]
+    if "after" in step:
+        return [str(n) for n in step.after]
+    names = list(config.steps)
+    index = names.index(name)
+    return names[index - 1:index] if index else []
+
+
+@dataclass
+class _Running:
+    process: subprocess.Popen
+    threads: int
+    started: float
+    log_path: Path
+    copier: threading.Thread
+
+
+def _copy_output(source, log_path: Path, echo: bool) -> None:
+    """Drain a step's output into its log (and the console when the step runs alone)."""
+    with open(log_path, "ab") as log:
+        for chunk in iter(lambda: source.read1(65536), b""):
+            log.write(chunk)
+            log.flush()
+            if echo:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    if not path.exists():
+        return ""
+    kept = [line for line in path.read_text(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
+    return "\n".join(kept[-lines:])
+
+
+def busy_seconds(timings: dict[str, dict]) -> float:
+    """Wall time during which at least one step ran: overlapping steps count once, and the idle time
+    between two invocations (a resumed run) does not count."""
+    spans = sorted((t["started_at"], t["started_at"] + t["seconds"]) for t in timings.values() if "started_at" in t)
+    total, end = 0.0, float("-inf")
+    for start, stop in spans:
+        total += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    # Steps timed before start times were recorded ran one after another.
+    return total + sum(t["seconds"] for t in timings.values() if "started_at" not in t)
+
+
+def run_curriculum(config: DictConfig, only: list[str] | None = None, log=print,
+                   command: tuple[str, ...] = (sys.executable, "-m", "lit_star")) -> dict[str, dict]:
+    """Run the unfinished steps, each as soon as the steps it comes ``after`` are done and its ``threads``
+    are free, so independent stages (stage 0 and stage 1) share the cores instead of queueing.
+
+    Each step's output goes to ``<run_dir>/logs/<step>.log`` (and to the console when it runs alone).
+    A failed step lets the steps already running finish, starts no new one, then raises.
+    """
     run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     timings_path = run_dir / "timings.json"
     timings: dict[str, dict] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.setdefault("OMP_NUM_THREADS", str(config.get("threads", os.cpu_count() or 1)))
+    base_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # The Shapes recipes read their world and run roots from ${oc.env:...}; one place sets them.
-    env.update({str(k): str(v) for k, v in config.get("env", {}).items()})
-    for name, step in config.steps.items():
+    base_env.update({str(k): str(v) for k, v in config.get("env", {}).items()})
+    total_threads = int(config.get("threads", os.cpu_count() or 1))
+
+    def finished(name: str) -> bool:
+        return (run_dir / "done" / name).exists() and Path(config.steps[name].output).exists()
+
+    pending = []
+    for name in config.steps:
         if only and name not in only:
             continue
-        output, marker = Path(step.output), run_dir / "done" / name
-        if marker.exists() and output.exists():
-            log(f"[curriculum] {name}: done already ({output}), skipping")
-            continue
-        argv = [str(a) for a in [*step.argv, *step.get("extra_args", [])]]
-        if step.get("resume_when") and Path(step.resume_when).exists():
-            argv += [str(a) for a in step.get("resume_args", [])]
-        log(f"[curriculum] {name}: python -m lit_star {' '.join(argv)}")
-        start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "lit_star", *argv], env=env)
-        seconds = time.perf_counter() - start
-        if result.returncode != 0:
-            raise RuntimeError(f"curriculum step {name!r} failed with exit code {result.returncode} after {seconds:.0f} s")
-        if not output.exists():
-            raise RuntimeError(f"curriculum step {name!r} finished but did not write its output {output}")
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{seconds:.1f}\n")
-        timings[name] = {"seconds": round(seconds, 1), "argv": argv}
-        timings_path.write_text(json.dumps(timings, indent=2))
-        log(f"[curriculum] {name}: finished in {seconds:.0f} s")
+        if finished(name):
+            log(f"[curriculum] {name}: done already ({config.steps[name].output}), skipping")
+        else:
+            pending.append(name)
+    for name in pending:
+        missing = [d for d in step_dependencies(config, name) if d not in pending and not finished(d)]
+        if missing:
+            raise RuntimeError(f"curriculum step {name!r} needs {missing}, which are neither done nor selected")
+
+    running: dict[str, _Running] = {}
+    failures: list[str] = []
+    while pending or running:
+        free = total_threads - sum(r.threads for r in running.values())
+        # File order is priority: a ready step that does not fit blocks the later ones, so a long step
+        # is never starved by short ones behind it.
+        for name in list(pending) if not failures else []:
+            if not all(d not in pending and d not in running for d in step_dependencies(config, name)):
+                continue
+            step = config.steps[name]
+            threads = int(step.get("threads", total_threads))
+            if threads > free:
+                break
+            argv = [str(a) for a in [*step.argv, *step.get("extra_args", [])]]
+            if step.get("resume_when") and Path(step.resume_when).exists():
+                argv += [str(a) for a in step.get("resume_args", [])]
+            log_path = run_dir / "logs" / f"{name}.log"
+            alone = not running and threads == total_threads
+            log(f"[curriculum] {name}: python -m lit_star {' '.join(argv)}  ({threads} thread(s), log {log_path})")
+            process = subprocess.Popen([*command, *argv], env={**base_env, "OMP_NUM_THREADS": str(threads)},
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            copier = threading.Thread(target=_copy_output, args=(process.stdout, log_path, alone), daemon=True)
+            copier.start()
+            running[name] = _Running(process, threads, time.time(), log_path, copier)
+            pending.remove(name)
+            free -= threads
+        if not running:
+            break
+        time.sleep(0.2)
+        for name, run in list(running.items()):
+            returncode = run.process.poll()
+            if returncode is None:
+                continue
+            run.copier.join()
+            del running[name]
+            seconds = time.time() - run.started
+            output = Path(config.steps[name].output)
+            if returncode != 0 or not output.exists():
+                why = f"exit code {returncode}" if returncode != 0 else f"no output {output}"
+                failures.append(f"{name!r} ({why} after {seconds:.0f} s; last lines of {run.log_path}: "
+                                f"{_tail(run.log_path)})")
+                log(f"[curriculum] {name}: FAILED, {why}; see {run.log_path}")
+                continue
+            marker = run_dir / "done" / name
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{seconds:.1f}\n")
+            timings[name] = {"seconds": round(seconds, 1), "started_at": round(run.started, 1), "threads": run.threads,
+                             "argv": run.process.args[len(command):]}
+            timings_path.write_text(json.dumps(timings, indent=2))
+            log(f"[curriculum] {name}: finished in {seconds:.0f} s")
+    if failures:
+        raise RuntimeError("curriculum step(s) failed: " + "; ".join(failures))
     return timings
 
 
@@ -121,10 +241,11 @@ def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
     run_dir = Path(config.run_dir)
     sources = config.get("report", {})
     lines = ["# Shapes curriculum report", "", f"Run directory: `{run_dir}`", "", "## Wall time per step", "",
-             "| step | seconds |", "|---|---|"]
+             "| step | seconds | threads |", "|---|---|---|"]
     for name, timing in timings.items():
-        lines.append(f"| {name} | {timing['seconds']:.0f} |")
-    lines.append(f"| **total** | {sum(t['seconds'] for t in timings.values()):.0f} |")
+        lines.append(f"| {name} | {timing['seconds']:.0f} | {timing.get('threads', '-')} |")
+    lines.append(f"| sum of steps | {sum(t['seconds'] for t in timings.values()):.0f} | |")
+    lines.append(f"| **wall time** (steps that overlap count once) | **{busy_seconds(timings):.0f}** | |")
 
     before, after = _load_json(sources.get("understanding_before")), _load_json(sources.get("understanding_after"))
     if before and after:
