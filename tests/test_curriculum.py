@@ -31,6 +31,7 @@ FAKE_STEP = """
 import json, os, sys, time
 seconds, output = float(sys.argv[1]), sys.argv[2]
 start = time.time()
+print("fake step started", sys.stdout.isatty(), flush=True)
 time.sleep(abs(seconds))
 print("fake step ran", flush=True)
 if seconds < 0:
@@ -57,19 +58,22 @@ def _fake_curriculum(tmp_path, b_seconds: float = 1.0):
 
 def test_independent_steps_share_the_cores_and_dependents_wait(tmp_path):
     config, command, out = _fake_curriculum(tmp_path)
-    timings = run_curriculum(config, log=lambda *_: None, command=command)
+    lines = []
+    timings = run_curriculum(config, log=lines.append, command=command, status_every=0.3)
     ran = {name: json.loads((out / name).read_text()) for name in "abcd"}
     assert ran["b"]["start"] < ran["c"]["end"] and ran["c"]["start"] < ran["b"]["end"], "b and c did not overlap"
     assert ran["b"]["start"] >= ran["a"]["end"] and ran["c"]["start"] >= ran["a"]["end"]
     assert ran["d"]["start"] >= ran["c"]["end"]
     assert {name: ran[name]["threads"] for name in "abcd"} == {"a": "2", "b": "1", "c": "1", "d": "2"}
-    assert "fake step ran" in (tmp_path / "run/logs/b.log").read_text()
+    # Steps see a terminal (live progress bars); side-by-side steps report their latest line.
+    assert "fake step started True" in (tmp_path / "run/logs/b.log").read_text()
+    assert any(l.startswith("[curriculum] running: b ") and "fake step started True" in l for l in lines), lines
     assert busy_seconds(timings) < sum(t["seconds"] for t in timings.values()) - 0.5
 
 
 def test_a_failed_step_lets_running_steps_finish_and_starts_nothing_after(tmp_path):
     config, command, out = _fake_curriculum(tmp_path, b_seconds=-0.5)
-    with pytest.raises(RuntimeError, match=r"'b' \(exit code 3.*fake step ran"):
+    with pytest.raises(RuntimeError, match=r"(?s)'b' \(exit code 3.*fake step ran"):
         run_curriculum(config, log=lambda *_: None, command=command)
     assert (out / "c").exists() and not (out / "d").exists()
     assert sorted(p.name for p in (tmp_path / "run/done").iterdir()) == ["a", "c"]

@@ -6,9 +6,10 @@
 A curriculum YAML has a ``run_dir``, a CPU thread budget ``threads`` and a mapping ``steps``. Each step is
 one ``python -m lit_star ...`` invocation (``argv`` + ``extra_args``) and the ``output`` it must leave.
 A step starts once the earlier steps it names in ``after`` are done (default: the step before it) and
-its ``threads`` (default: all of them) are free, so independent steps, stage 0 and stage 1 say, run side
-by side with a core each. Each step gets ``OMP_NUM_THREADS`` = its threads and writes its output to
-``<run_dir>/logs/<step>.log`` (echoed to the console when the step runs alone).
+its ``threads`` (default: all of them) are free, so independent steps that use fewer threads than the
+machine has run side by side. Each step gets ``OMP_NUM_THREADS`` = its threads and runs on a
+pseudo-terminal (live progress bars); its output goes to ``<run_dir>/logs/<step>.log``, echoed to the
+console when the step has the machine to itself.
 
 A finished step is marked in ``<run_dir>/done/<step>`` and skipped next time, so rerunning the same
 command resumes; a step that was interrupted is rerun, with ``resume_args`` appended when its
@@ -21,10 +22,16 @@ to every step (the Shapes recipes take their world and run directories from ``SH
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
+import pty
+import re
+import shutil
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -81,24 +88,57 @@ class _Running:
     threads: int
     started: float
     log_path: Path
+    echo: bool
     copier: threading.Thread
 
 
-def _copy_output(source, log_path: Path, echo: bool) -> None:
-    """Drain a step's output into its log (and the console when the step runs alone)."""
-    with open(log_path, "ab") as log:
-        for chunk in iter(lambda: source.read1(65536), b""):
-            log.write(chunk)
-            log.flush()
-            if echo:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.buffer.flush()
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _launch(command: list[str], env: dict, log_path: Path, echo: bool) -> tuple[subprocess.Popen, threading.Thread]:
+    """Start a step on a pseudo-terminal, so Lightning and tqdm draw live progress bars as they would in a
+    console, and copy what it prints into its log (and to the console when ``echo``)."""
+    master, child_end = pty.openpty()
+    columns, rows = shutil.get_terminal_size((120, 40))
+    fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=child_end, stderr=child_end)
+    os.close(child_end)
+
+    def copy() -> None:
+        with open(log_path, "ab") as log:
+            while True:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the step exited and closed its end
+                    chunk = b""
+                if not chunk:
+                    break
+                log.write(chunk)
+                log.flush()
+                if echo:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.buffer.flush()
+        os.close(master)
+
+    copier = threading.Thread(target=copy, daemon=True)
+    copier.start()
+    return process, copier
+
+
+def _last_line(path: Path) -> str:
+    """The step's latest progress line: the last non-blank piece of its log between carriage returns."""
+    with open(path, "rb") as log:
+        log.seek(max(0, path.stat().st_size - 8192))
+        text = _ANSI.sub(b"", log.read()).decode(errors="replace")
+    pieces = [piece.strip() for piece in re.split(r"[\r\n]", text) if piece.strip()]
+    return pieces[-1][:110] if pieces else ""
 
 
 def _tail(path: Path, lines: int = 20) -> str:
     if not path.exists():
         return ""
-    kept = [line for line in path.read_text(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
+    text = _ANSI.sub(b"", path.read_bytes()).decode(errors="replace")
+    kept = [line for line in text.replace("\r", "\n").splitlines() if line.strip()]
     return "\n".join(kept[-lines:])
 
 
@@ -115,11 +155,13 @@ def busy_seconds(timings: dict[str, dict]) -> float:
 
 
 def run_curriculum(config: DictConfig, only: list[str] | None = None, log=print,
-                   command: tuple[str, ...] = (sys.executable, "-m", "lit_star")) -> dict[str, dict]:
+                   command: tuple[str, ...] = (sys.executable, "-m", "lit_star"),
+                   status_every: float = 60.0) -> dict[str, dict]:
     """Run the unfinished steps, each as soon as the steps it comes ``after`` are done and its ``threads``
-    are free, so independent stages (stage 0 and stage 1) share the cores instead of queueing.
+    are free, so steps that cannot use every core (the one-thread evaluations) run side by side.
 
-    Each step's output goes to ``<run_dir>/logs/<step>.log`` (and to the console when it runs alone).
+    Each step's output goes to ``<run_dir>/logs/<step>.log`` (and to the console when it runs alone);
+    while steps run side by side, their latest progress lines are logged every ``status_every`` seconds.
     A failed step lets the steps already running finish, starts no new one, then raises.
     """
     run_dir = Path(config.run_dir)
@@ -149,6 +191,7 @@ def run_curriculum(config: DictConfig, only: list[str] | None = None, log=print,
 
     running: dict[str, _Running] = {}
     failures: list[str] = []
+    last_status = time.time()
     while pending or running:
         free = total_threads - sum(r.threads for r in running.values())
         # File order is priority: a ready step that does not fit blocks the later ones, so a long step
@@ -166,16 +209,18 @@ def run_curriculum(config: DictConfig, only: list[str] | None = None, log=print,
             log_path = run_dir / "logs" / f"{name}.log"
             alone = not running and threads == total_threads
             log(f"[curriculum] {name}: python -m lit_star {' '.join(argv)}  ({threads} thread(s), log {log_path})")
-            process = subprocess.Popen([*command, *argv], env={**base_env, "OMP_NUM_THREADS": str(threads)},
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            copier = threading.Thread(target=_copy_output, args=(process.stdout, log_path, alone), daemon=True)
-            copier.start()
-            running[name] = _Running(process, threads, time.time(), log_path, copier)
+            process, copier = _launch([*command, *argv], {**base_env, "OMP_NUM_THREADS": str(threads)}, log_path, alone)
+            running[name] = _Running(process, threads, time.time(), log_path, alone, copier)
+            last_status = time.time()
             pending.remove(name)
             free -= threads
         if not running:
             break
         time.sleep(0.2)
+        if not any(r.echo for r in running.values()) and time.time() - last_status >= status_every:
+            last_status = time.time()
+            log("[curriculum] running: " + " | ".join(
+                f"{name} {(last_status - r.started) / 60:.1f} min: {_last_line(r.log_path)}" for name, r in running.items()))
         for name, run in list(running.items()):
             returncode = run.process.poll()
             if returncode is None:
