@@ -125,20 +125,15 @@ def _launch(command: list[str], env: dict, log_path: Path, echo: bool) -> tuple[
     return process, copier
 
 
-def _last_line(path: Path) -> str:
-    """The step's latest progress line: the last non-blank piece of its log between carriage returns."""
-    with open(path, "rb") as log:
-        log.seek(max(0, path.stat().st_size - 8192))
-        text = _ANSI.sub(b"", log.read()).decode(errors="replace")
-    pieces = [piece.strip() for piece in re.split(r"[\r\n]", text) if piece.strip()]
-    return pieces[-1][:110] if pieces else ""
-
-
-def _tail(path: Path, lines: int = 20) -> str:
+def _tail(path: Path, lines: int = 20, window: int = 65536) -> str:
+    """The last ``lines`` non-blank lines of a step's log, colour codes removed; a progress bar's redraws
+    (carriage returns) count as lines, so ``lines=1`` is its latest state."""
     if not path.exists():
         return ""
-    text = _ANSI.sub(b"", path.read_bytes()).decode(errors="replace")
-    kept = [line for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    with open(path, "rb") as log:
+        log.seek(max(0, path.stat().st_size - window))
+        text = _ANSI.sub(b"", log.read()).decode(errors="replace")
+    kept = [line.strip() for line in re.split(r"[\r\n]", text) if line.strip()]
     return "\n".join(kept[-lines:])
 
 
@@ -220,7 +215,7 @@ def run_curriculum(config: DictConfig, only: list[str] | None = None, log=print,
         if not any(r.echo for r in running.values()) and time.time() - last_status >= status_every:
             last_status = time.time()
             log("[curriculum] running: " + " | ".join(
-                f"{name} {(last_status - r.started) / 60:.1f} min: {_last_line(r.log_path)}" for name, r in running.items()))
+                f"{name} {(last_status - r.started) / 60:.1f} min: {_tail(r.log_path, 1)[:110]}" for name, r in running.items()))
         for name, run in list(running.items()):
             returncode = run.process.poll()
             if returncode is None:
