@@ -11,7 +11,8 @@ What every run gets without asking:
   ``last.ckpt`` also at the final step whatever the period, each written atomically (temporary file,
   fsync, rename) so a kill during a save leaves the previous ``last`` intact;
 * ``seed_everything(seed, workers=True)`` before any class is built (``--seed_everything``);
-* ``${...}`` interpolation resolved after every ``--config`` file and command-line override merged.
+* ``${...}`` interpolation resolved after every ``--config`` file and command-line override merged;
+* a CPU thread count that follows ``LIT_STAR_THREADS_FILE`` when a curriculum sets it (``ThreadBudget``).
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from jsonargparse import set_parsing_settings
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import torch
 
 from lit_star.data.health import DataHealthMonitor
+from lit_star.thread_budget import THREADS_FILE_ENV, read_thread_budget
 
 DEFAULT_RUN_DIR = "runs/default"
 
@@ -73,6 +75,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 tmp.unlink()
 
 
+class ThreadBudget(Callback):
+    """Follows the CPU thread budget in the file named by ``LIT_STAR_THREADS_FILE`` (see
+    :mod:`lit_star.thread_budget`): before each training and validation batch, when the file has
+    changed, ``torch.set_num_threads`` takes its value. Without the variable it does nothing."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path or os.environ.get(THREADS_FILE_ENV)
+        self._seen_version: tuple[int, int] | None = None
+
+    def _follow(self) -> None:
+        if not self.path:
+            return
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return
+        # Each write replaces the file, so the inode tells two writes apart within one clock tick.
+        version = (stat.st_ino, stat.st_mtime_ns)
+        if version == self._seen_version:
+            return
+        self._seen_version = version
+        threads = read_thread_budget(self.path)
+        if threads is not None and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._follow()
+
+    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        self._follow()
+
+
 class StarCLI(LightningCLI):
     """LightningCLI with lit_star's run-directory, checkpoint and interpolation defaults."""
 
@@ -82,7 +117,8 @@ class StarCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+", "default_env": False})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         # Every lit_star batch reports skipped samples; the monitor logs them and stops a run that skips too much.
-        kwargs.setdefault("trainer_defaults", {"callbacks": [DataHealthMonitor()]})
+        # ThreadBudget lets the curriculum hand a run the cores a finished neighbour step freed.
+        kwargs.setdefault("trainer_defaults", {"callbacks": [DataHealthMonitor(), ThreadBudget()]})
         super().__init__(
             model_class=LightningModule,
             datamodule_class=LightningDataModule,

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lit_star.commands.curriculum import busy_seconds, load_curriculum, run_curriculum
+from lit_star.commands.curriculum import (
+    _grant_spare_threads,
+    _Running,
+    busy_seconds,
+    load_curriculum,
+    run_curriculum,
+    write_report,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = [str(REPO / "recipes/shapes/curriculum.yaml"), str(REPO / "recipes/shapes/curriculum_smoke.yaml")]
@@ -18,7 +25,8 @@ RECIPES = [str(REPO / "recipes/shapes/curriculum.yaml"), str(REPO / "recipes/sha
 def test_curriculum_config_resolves_and_names_missing_keys(tmp_path):
     config = load_curriculum(RECIPES, run_dir=str(tmp_path))
     assert list(config.steps) == ["world", "stage0_base", "stage1_vq", "tokenize", "understanding_before",
-                                  "stage2_stacked_ar", "understanding_after", "shapes_eval"]
+                                  "stage2_stacked_ar", "shapes_eval_seen_and_riddles", "shapes_eval",
+                                  "understanding_after"]
     assert config.env.SHAPES_WORLD == f"{tmp_path}/world"
     broken = tmp_path / "broken.yaml"
     broken.write_text("run_dir: x\nsteps:\n  world:\n    argv: [data, shapes]\n")
@@ -26,28 +34,33 @@ def test_curriculum_config_resolves_and_names_missing_keys(tmp_path):
         load_curriculum([str(broken)])
 
 
-# Stands in for `python -m lit_star ...`: sleeps, then records when it ran and with how many threads.
+# Stands in for `python -m lit_star ...`: waits, watching its thread budget file, then records when it
+# ran, with how many threads, and every budget the scheduler granted it meanwhile.
 FAKE_STEP = """
 import json, os, sys, time
 seconds, output = float(sys.argv[1]), sys.argv[2]
 start = time.time()
 print("fake step started", sys.stdout.isatty(), flush=True)
-time.sleep(abs(seconds))
+budgets = set()
+while time.time() - start < abs(seconds):
+    budgets.add(open(os.environ["LIT_STAR_THREADS_FILE"]).read().strip())
+    time.sleep(0.02)
 print("fake step ran", flush=True)
 if seconds < 0:
     sys.exit(3)
-open(output, "w").write(json.dumps({"start": start, "end": time.time(), "threads": os.environ["OMP_NUM_THREADS"]}))
+open(output, "w").write(json.dumps({"start": start, "end": time.time(), "threads": os.environ["OMP_NUM_THREADS"],
+                                    "budgets": sorted(budgets)}))
 """
 
 
-def _fake_curriculum(tmp_path, b_seconds: float = 1.0):
+def _fake_curriculum(tmp_path, b_seconds: float = 1.0, c_seconds: float = 1.0):
     (tmp_path / "fake_step.py").write_text(FAKE_STEP)
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     steps = {
         "a": dict(argv=["0.1", f"{out}/a"], output=f"{out}/a"),
         "b": dict(after=["a"], threads=1, argv=[str(b_seconds), f"{out}/b"], output=f"{out}/b"),
-        "c": dict(after=["a"], threads=1, argv=["1.0", f"{out}/c"], output=f"{out}/c"),
+        "c": dict(after=["a"], threads=1, grow=True, argv=[str(c_seconds), f"{out}/c"], output=f"{out}/c"),
         "d": dict(argv=["0.1", f"{out}/d"], output=f"{out}/d"),  # no `after`: waits for c, the step before it
     }
     config = OmegaConf.create({"run_dir": str(tmp_path / "run"), "threads": 2, "steps": steps})
@@ -69,6 +82,34 @@ def test_independent_steps_share_the_cores_and_dependents_wait(tmp_path):
     assert "fake step started True" in (tmp_path / "run/logs/b.log").read_text()
     assert any(l.startswith("[curriculum] running: b ") and "fake step started True" in l for l in lines), lines
     assert busy_seconds(timings) < sum(t["seconds"] for t in timings.values()) - 0.5
+
+
+def test_a_growing_step_takes_the_threads_its_finished_neighbour_freed(tmp_path):
+    config, command, out = _fake_curriculum(tmp_path, b_seconds=0.3, c_seconds=1.5)
+    lines = []
+    timings = run_curriculum(config, log=lines.append, command=command)
+    ran = {name: json.loads((out / name).read_text()) for name in "abcd"}
+    assert ran["c"]["threads"] == "1" and ran["c"]["budgets"] == ["1", "2"]
+    assert ran["b"]["budgets"] == ["1"] and ran["d"]["budgets"] == ["2"]
+    assert "[curriculum] c: now 2 thread(s)" in lines
+    assert timings["c"]["grew_to"] == 2 and "grew_to" not in timings["b"]
+    assert "| c | 2 | 1, 2 once spare |" in write_report(config, timings).read_text()
+
+
+def test_spare_threads_go_back_when_a_new_step_starts(tmp_path):
+    steps = {name: {"argv": [], "output": "x", "threads": 1, "grow": name == "grower"} for name in ("grower", "other")}
+    config = OmegaConf.create({"steps": steps})
+
+    def running_step(name):
+        return _Running(None, 1, 0.0, tmp_path / f"{name}.log", False, None, tmp_path / name, 1, 1)
+
+    running = {"grower": running_step("grower")}
+    _grant_spare_threads(config, running, total_threads=3, log=lambda *_: None)
+    assert (tmp_path / "grower").read_text() == "3\n"
+    running["other"] = running_step("other")
+    _grant_spare_threads(config, running, total_threads=3, log=lambda *_: None)
+    assert (tmp_path / "grower").read_text() == "2\n" and running["grower"].most_granted == 3
+    assert not (tmp_path / "other").exists(), "a step that does not grow keeps the budget it started with"
 
 
 def test_a_failed_step_lets_running_steps_finish_and_starts_nothing_after(tmp_path):
@@ -106,11 +147,14 @@ def test_smoke_curriculum_runs_end_to_end_and_resumes(tmp_path):
     results = json.loads((run / "eval/shapes/results.json").read_text())
     assert set(results["geneval"]["categories"]) == {"single_object", "two_objects", "counting", "colors",
                                                      "position", "color_attr"}
-    assert {"knowledge_without_reasoning", "knowledge_with_reasoning", "geneval_seen_combinations"} <= set(results)
+    rest = json.loads((run / "eval/shapes_seen_and_riddles/results.json").read_text())
+    assert {"knowledge_without_reasoning", "knowledge_with_reasoning", "geneval_seen_combinations"} <= set(rest)
+    assert "geneval" not in rest and "geneval_seen_combinations" not in results, "the two processes split the sets"
     report = (run / "report.md").read_text()
     assert "Every answer identical: **True**" in report and "| stage2_stacked_ar |" in report
-    assert "seen pairs (control)" in report
-    assert all(Path(grid).is_file() for grid in results["grids"])
+    assert "| GenEval-style | seen pairs (control) | riddles, no reasoning | riddles, reasoning |" in report
+    assert all(Path(grid).is_file() for grid in results["grids"] + rest["grids"])
+    assert all(f"![{Path(grid).stem}]" in report for grid in results["grids"] + rest["grids"])
 
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -123,3 +167,21 @@ def test_smoke_curriculum_runs_end_to_end_and_resumes(tmp_path):
     cells = subprocess.run([sys.executable, "-c", source], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert cells.returncode == 0, cells.stderr[-3000:]
     assert "PSNR" in cells.stdout and "overall" in cells.stdout and "base:" in cells.stdout
+
+
+def test_report_merges_split_shapes_results_and_refuses_mixed_samplers(tmp_path):
+    def part(name, sampler, sets):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"sampler": sampler, "grids": [f"{name}.png"], **sets}))
+        return str(path)
+
+    table = {"overall": 0.5, "categories": {"colors": 0.5}}
+    first = part("first", {"cfg_scale": 6.0}, {"geneval": table})
+    second = part("second", {"cfg_scale": 6.0}, {"geneval_seen_combinations": table})
+    config = OmegaConf.create({"run_dir": str(tmp_path), "report": {"shapes_eval": [first, second]}})
+    report = write_report(config, {}).read_text()
+    assert "| GenEval-style | seen pairs (control) |" in report and "![first]" in report and "![second]" in report
+    mixed = part("mixed", {"cfg_scale": 3.0}, {"geneval_seen_combinations": table})
+    config.report.shapes_eval = [first, mixed]
+    with pytest.raises(ValueError, match="mixed.json was sampled with"):
+        write_report(config, {})

@@ -12,6 +12,7 @@ from lightning.pytorch import Callback
 
 from lit_star.cli import JOB_SUBCOMMANDS, TRAINER_SUBCOMMANDS
 from lit_star.data.health import DataHealthMonitor
+from lit_star.thread_budget import THREADS_FILE_ENV, write_thread_budget
 from lit_star.training import AtomicCheckpointIO, StarCLI
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +57,29 @@ def test_run_dir_gets_tensorboard_and_checkpoints(layered_recipe, tmp_path):
     assert Path(cli.trainer.logger.log_dir) == tmp_path / "run" / "tensorboard"
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert any(isinstance(c, DataHealthMonitor) for c in cli.trainer.callbacks)
+
+
+def test_a_run_follows_the_thread_budget_its_scheduler_writes(layered_recipe, tmp_path, monkeypatch):
+    base, _ = layered_recipe
+    budget = tmp_path / "threads"
+    write_thread_budget(budget, 1)
+    monkeypatch.setenv(THREADS_FILE_ENV, str(budget))
+    threads_per_step = []
+
+    class GrantAfterTwoSteps(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            threads_per_step.append(torch.get_num_threads())
+            if trainer.global_step == 2:
+                write_thread_budget(budget, 2)
+
+    before = torch.get_num_threads()
+    try:
+        cli = StarCLI(args=["--config", base, "--trainer.max_steps", "4"], run=False)
+        cli.trainer.callbacks.append(GrantAfterTwoSteps())
+        cli.trainer.fit(cli.model, cli.datamodule)
+    finally:
+        torch.set_num_threads(before)
+    assert threads_per_step == [1, 1, 2, 2]
 
 
 class _CaptureOptimizerAtStart(Callback):

@@ -9,7 +9,9 @@ A step starts once the earlier steps it names in ``after`` are done (default: th
 its ``threads`` (default: all of them) are free, so independent steps that use fewer threads than the
 machine has run side by side. Each step gets ``OMP_NUM_THREADS`` = its threads and runs on a
 pseudo-terminal (live progress bars); its output goes to ``<run_dir>/logs/<step>.log``, echoed to the
-console when the step has the machine to itself.
+console when the step has the machine to itself. A step marked ``grow: true`` (a training run) also
+takes the threads that no ready step needs, e.g. once the step beside it has finished, and gives them
+back when a new step starts (see :mod:`lit_star.thread_budget`).
 
 A finished step is marked in ``<run_dir>/done/<step>`` and skipped next time, so rerunning the same
 command resumes; a step that was interrupted is rerun, with ``resume_args`` appended when its
@@ -39,6 +41,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from lit_star.thread_budget import THREADS_FILE_ENV, write_thread_budget
+
 
 def load_curriculum(paths: list[str], run_dir: str | None = None) -> DictConfig:
     configs = []
@@ -67,6 +71,8 @@ def load_curriculum(paths: list[str], run_dir: str | None = None) -> DictConfig:
         if threads is not None and not 1 <= int(threads) <= total_threads:
             raise ValueError(f"curriculum step {name!r} asks for {threads} threads; the curriculum has "
                              f"threads: {total_threads}")
+        if not isinstance(step.get("grow", False), bool):
+            raise ValueError(f"curriculum step {name!r}: grow must be true or false, got {step.grow!r}")
         earlier.append(name)
     OmegaConf.resolve(config)
     return config
@@ -85,11 +91,29 @@ def step_dependencies(config: DictConfig, name: str) -> list[str]:
 @dataclass
 class _Running:
     process: subprocess.Popen
-    threads: int
+    threads: int  # what the step asked for
     started: float
     log_path: Path
     echo: bool
     copier: threading.Thread
+    budget_path: Path
+    granted: int  # what it may use now: more than `threads` while it holds spare cores
+    most_granted: int
+
+
+def _grant_spare_threads(config: DictConfig, running: dict[str, _Running], total_threads: int, log) -> None:
+    """Give the threads that the running steps did not ask for to the first running step (file order)
+    marked ``grow``; every other step gets back to its own count."""
+    spare = total_threads - sum(r.threads for r in running.values())
+    for name in [n for n in config.steps if n in running]:
+        run = running[name]
+        granted = run.threads
+        if spare and config.steps[name].get("grow", False):
+            granted, spare = granted + spare, 0
+        if granted != run.granted:
+            write_thread_budget(run.budget_path, granted)
+            run.granted, run.most_granted = granted, max(run.most_granted, granted)
+            log(f"[curriculum] {name}: now {granted} thread(s)")
 
 
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
@@ -204,13 +228,18 @@ def run_curriculum(config: DictConfig, only: list[str] | None = None, log=print,
             log_path = run_dir / "logs" / f"{name}.log"
             alone = not running and threads == total_threads
             log(f"[curriculum] {name}: python -m lit_star {' '.join(argv)}  ({threads} thread(s), log {log_path})")
-            process, copier = _launch([*command, *argv], {**base_env, "OMP_NUM_THREADS": str(threads)}, log_path, alone)
-            running[name] = _Running(process, threads, time.time(), log_path, alone, copier)
+            budget_path = run_dir / "threads" / name
+            write_thread_budget(budget_path, threads)
+            env = {**base_env, "OMP_NUM_THREADS": str(threads), THREADS_FILE_ENV: str(budget_path.resolve())}
+            process, copier = _launch([*command, *argv], env, log_path, alone)
+            running[name] = _Running(process, threads, time.time(), log_path, alone, copier, budget_path,
+                                     threads, threads)
             last_status = time.time()
             pending.remove(name)
             free -= threads
         if not running:
             break
+        _grant_spare_threads(config, running, total_threads, log)
         time.sleep(0.2)
         if not any(r.echo for r in running.values()) and time.time() - last_status >= status_every:
             last_status = time.time()
@@ -235,6 +264,8 @@ def run_curriculum(config: DictConfig, only: list[str] | None = None, log=print,
             marker.write_text(f"{seconds:.1f}\n")
             timings[name] = {"seconds": round(seconds, 1), "started_at": round(run.started, 1), "threads": run.threads,
                              "argv": run.process.args[len(command):]}
+            if run.most_granted > run.threads:
+                timings[name]["grew_to"] = run.most_granted
             timings_path.write_text(json.dumps(timings, indent=2))
             log(f"[curriculum] {name}: finished in {seconds:.0f} s")
     if failures:
@@ -262,6 +293,23 @@ def _load_json(path: str | None) -> dict | None:
     return None
 
 
+def _merged_shapes_results(paths) -> dict | None:
+    """One ``eval shapes`` results dict from one path or a list of them (the sets split across processes);
+    the processes must have sampled with the same settings."""
+    if paths is None:
+        return None
+    merged: dict = {}
+    for path in [paths] if isinstance(paths, str) else list(paths):
+        results = _load_json(path)
+        if results is None:
+            continue
+        if merged and results["sampler"] != merged["sampler"]:
+            raise ValueError(f"{path} was sampled with {results['sampler']}, an earlier part with {merged['sampler']}")
+        grids = merged.get("grids", []) + results.get("grids", [])
+        merged = {**results, **merged, "grids": grids}
+    return merged or None
+
+
 def _score_table(results: dict[str, dict]) -> list[str]:
     """One markdown table: categories as rows, one column per scored set."""
     names = list(results)
@@ -283,7 +331,8 @@ def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
     lines = ["# Shapes curriculum report", "", f"Run directory: `{run_dir}`", "", "## Wall time per step", "",
              "| step | seconds | threads |", "|---|---|---|"]
     for name, timing in timings.items():
-        lines.append(f"| {name} | {timing['seconds']:.0f} | {timing.get('threads', '-')} |")
+        grew = f", {timing['grew_to']} once spare" if "grew_to" in timing else ""
+        lines.append(f"| {name} | {timing['seconds']:.0f} | {timing.get('threads', '-')}{grew} |")
     lines.append(f"| sum of steps | {sum(t['seconds'] for t in timings.values()):.0f} | |")
     lines.append(f"| **wall time** (steps that overlap count once) | **{busy_seconds(timings):.0f}** | |")
 
@@ -296,10 +345,10 @@ def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
                   f"| base inside stage 2 | {after['vqa_accuracy']:.4f} | {after['riddle_accuracy']:.4f} |", "",
                   f"Every answer identical: **{identical}** ({len(after['answers'])} answers compared)."]
 
-    shapes = _load_json(sources.get("shapes_eval"))
+    shapes = _merged_shapes_results(sources.get("shapes_eval"))
     if shapes:
         lines += ["", "## ShapesEval", "", f"Sampler: `{json.dumps(shapes['sampler'])}`", ""]
-        sets = {"GenEval-style": shapes["geneval"]}
+        sets = {"GenEval-style": shapes["geneval"]} if "geneval" in shapes else {}
         if "geneval_seen_combinations" in shapes:
             sets["seen pairs (control)"] = shapes["geneval_seen_combinations"]
         if "knowledge_without_reasoning" in shapes:

@@ -119,23 +119,30 @@ def evaluate_on_shapes(
     knowledge: bool = True,
     per_category: int | None = None,
     seen_combinations: int = 0,
+    geneval: bool = True,
     log=print,
 ) -> dict:
     """Generate and score the world's eval sets; returns (and writes) ``results.json``'s content.
 
     ``seen_combinations`` > 0 adds that many control prompts per category whose colour/shape pairs
-    occur in training (:func:`lit_star.data.shapes.seen_combination_prompts`).
+    occur in training (:func:`lit_star.data.shapes.seen_combination_prompts`). ``geneval=False`` skips
+    the GenEval-style set, so two processes can share the sets (sampling one image at a time gains
+    nothing from a second thread on a CPU; a second process doubles the rate).
     """
+    if not (geneval or seen_combinations or knowledge or edits):
+        raise ValueError("evaluate_on_shapes: no set selected (geneval, seen_combinations, knowledge and edits all off)")
     eval_dir, out = Path(world) / "eval", Path(out)
     if not eval_dir.is_dir():
         raise FileNotFoundError(f"{eval_dir} does not exist: generate the world first (python -m lit_star data shapes)")
     results: dict = {"sampler": sampler.as_dict(), "seed": seed, "per_category": per_category}
     grids: list[str] = []
 
-    records = limit_per_category(load_prompts(eval_dir / "geneval.jsonl"), per_category)
-    _, results["geneval"] = _generate_and_score(star, records, out / "geneval", sampler, options, batch_size, seed, False)
-    grids += write_category_grids(records, out / "geneval", out / "grids", "geneval")
-    log("GenEval-style:\n" + format_table(results["geneval"]))
+    if geneval:
+        records = limit_per_category(load_prompts(eval_dir / "geneval.jsonl"), per_category)
+        _, results["geneval"] = _generate_and_score(star, records, out / "geneval", sampler, options, batch_size, seed,
+                                                    False)
+        grids += write_category_grids(records, out / "geneval", out / "grids", "geneval")
+        log("GenEval-style:\n" + format_table(results["geneval"]))
 
     if seen_combinations:
         records = seen_combination_prompts(seen_combinations, resolution=star.image_size)
@@ -186,6 +193,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output folder for images, grids and results.json")
     parser.add_argument("--edits", action="store_true", help="also run the edit set (needs an edit-trained stack)")
     parser.add_argument("--no-knowledge", action="store_true", help="skip the riddle sets (with/without reasoning)")
+    parser.add_argument("--no-geneval", action="store_true",
+                        help="skip the GenEval-style set (run it in another process with --no-knowledge)")
     parser.add_argument("--per-category", type=int, help="only the first N prompts of each category (smoke runs)")
     parser.add_argument("--seen-combinations", type=int, default=0, metavar="N",
                         help="also score N control prompts per category built from colour/shape pairs seen in training")
@@ -194,6 +203,6 @@ def main(argv: list[str]) -> int:
     evaluate_on_shapes(
         star, args.world, args.out, sampler_from_args(args), decode_options_from_args(args), args.batch_size, args.seed,
         edits=args.edits, knowledge=not args.no_knowledge, per_category=args.per_category,
-        seen_combinations=args.seen_combinations,
+        seen_combinations=args.seen_combinations, geneval=not args.no_geneval,
     )
     return 0
