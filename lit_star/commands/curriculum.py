@@ -173,7 +173,12 @@ def busy_seconds(timings: dict[str, dict]) -> float:
     return total + sum(t["seconds"] for t in timings.values() if "started_at" not in t)
 
 
-def run_curriculum(config: DictConfig, only: list[str] | None = None, log=print,
+def _print_now(line: str) -> None:
+    # Flushed at once: under nohup or a pipe stdout is block-buffered and the heartbeat would sit unseen.
+    print(line, flush=True)
+
+
+def run_curriculum(config: DictConfig, only: list[str] | None = None, log=_print_now,
                    command: tuple[str, ...] = (sys.executable, "-m", "lit_star"),
                    status_every: float = 60.0) -> dict[str, dict]:
     """Run the unfinished steps, each as soon as the steps it comes ``after`` are done and its ``threads``
@@ -283,7 +288,7 @@ def main(argv: list[str]) -> int:
     config = load_curriculum(args.configs, args.run_dir)
     timings = run_curriculum(config, args.only)
     report = write_report(config, timings)
-    print(f"[curriculum] report: {report}")
+    _print_now(f"[curriculum] report: {report}")
     return 0
 
 
