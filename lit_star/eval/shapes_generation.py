@@ -126,8 +126,8 @@ def evaluate_on_shapes(
 
     ``seen_combinations`` > 0 adds that many control prompts per category whose colour/shape pairs
     occur in training (:func:`lit_star.data.shapes.seen_combination_prompts`). ``geneval=False`` skips
-    the GenEval-style set, so two processes can share the sets (sampling one image at a time gains
-    nothing from a second thread on a CPU; a second process doubles the rate).
+    the GenEval-style set, so two processes can share the sets (decoding one code at a time, a CPU
+    process gains nothing from a second thread; a second process does).
     """
     if not (geneval or seen_combinations or knowledge or edits):
         raise ValueError("evaluate_on_shapes: no set selected (geneval, seen_combinations, knowledge and edits all off)")
