@@ -158,6 +158,25 @@ def test_save_load_round_trip_and_base_checksum_guard(base, layout, codebook, tm
         load_stacked_ar(tmp_path / "run", base_path=tmp_path / "other")
 
 
+def test_stack_rope_theta_changes_only_the_stack_and_survives_save_load(base, layout, codebook, tmp_path):
+    default, custom = make_model(base).eval(), make_model(base, stack_rope_theta=1e6).eval()
+    half = default.stack.rotary_emb.inv_freq.shape[0]
+    expected = 1.0 / (1e6 ** (torch.arange(half, dtype=torch.float32) * 2 / (2 * half)))
+    torch.testing.assert_close(custom.stack.rotary_emb.inv_freq, expected)
+    base_rotary = base.model.language_model.rotary_emb.inv_freq
+    assert torch.equal(default.stack.rotary_emb.inv_freq, base_rotary)  # default: the base's theta
+    assert custom.stack_rope_theta == 1e6 and default.stack_rope_theta == base.config.text_config.rope_parameters["rope_theta"]
+    batch = collate_padded([layout.text_to_image("two green triangles", codes(4))], layout.special.pad)
+    base.save_pretrained(tmp_path / "base")
+    save_stacked_ar(custom, tmp_path / "run", tmp_path / "base")
+    loaded = load_stacked_ar(tmp_path / "run").eval()
+    with torch.no_grad():
+        assert not torch.allclose(run(default, batch, codebook), run(custom, batch, codebook))  # same weights
+        assert torch.equal(run(custom, batch, codebook), run(loaded, batch, codebook))
+    with pytest.raises(ValueError, match="stack_rope_theta"):
+        make_model(base, stack_rope_theta=0.0)
+
+
 # ---- sequence layout ---------------------------------------------------------------------------------------
 
 
@@ -311,8 +330,9 @@ def test_meta_device_star_parameter_counts(flavour, stack_params, adapter_params
     ]
 
 
-def test_incremental_decoding_with_caches_matches_full_forward(base, layout, codebook):
-    model = make_model(base, num_stack_layers=2).eval()
+@pytest.mark.parametrize("stack_rope_theta", [None, 1e6])
+def test_incremental_decoding_with_caches_matches_full_forward(base, layout, codebook, stack_rope_theta):
+    model = make_model(base, num_stack_layers=2, stack_rope_theta=stack_rope_theta).eval()
     sample = layout.text_to_image("a red circle", codes(9))
     batch = collate_padded([sample], layout.special.pad)
     prefix = len(layout.prompt_ids("a red circle"))

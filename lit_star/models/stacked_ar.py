@@ -75,14 +75,19 @@ class GenerationAdapter(nn.Module):
         return self.layers(codebook_vectors)
 
 
-def stack_text_config(base_text_config, num_layers: int):
-    """The base's text config cut to its last ``num_layers`` layers (what the stack's layers and caches see)."""
+def stack_text_config(base_text_config, num_layers: int, rope_theta: float | None = None):
+    """The base's text config cut to its last ``num_layers`` layers (what the stack's layers and caches see),
+    with the rotary base ``rope_theta`` if given (else the base's)."""
     total = base_text_config.num_hidden_layers
     if not 1 <= num_layers <= total:
         raise ValueError(f"num_stack_layers must be in [1, {total}] (the base has {total} layers), got {num_layers}")
     config = copy.deepcopy(base_text_config)
     config.num_hidden_layers = num_layers
     config.layer_types = list(base_text_config.layer_types[total - num_layers :])
+    if rope_theta is not None:
+        if rope_theta <= 0:
+            raise ValueError(f"stack_rope_theta must be > 0, got {rope_theta}")
+        config.rope_parameters = {**config.rope_parameters, "rope_theta": float(rope_theta)}
     return config
 
 
@@ -156,6 +161,9 @@ class StackedAR(nn.Module):
             (only with ``stack_init="llm"``).
         dtype: dtype of the trainable modules (stack, adapter, head). Defaults to torch's default dtype, so a
             bf16 base still gets fp32 master weights to train.
+        stack_rope_theta: rotary base of the stack's layers (default: the base's). A small base theta (the
+            Shapes base uses 1000 so its 3 x 3 vision grid gets usable rotations) leaves few frequencies slow
+            enough to find the prompt from hundreds of image tokens away.
     """
 
     def __init__(
@@ -168,6 +176,7 @@ class StackedAR(nn.Module):
         stack_init: StackInit = "vlm",
         llm_path: str | Path | None = None,
         dtype: torch.dtype | None = None,
+        stack_rope_theta: float | None = None,
     ) -> None:
         super().__init__()
         if stack_init not in STACK_INITS:
@@ -180,7 +189,7 @@ class StackedAR(nn.Module):
         self.stack_init = stack_init
         dtype = dtype or torch.get_default_dtype()
         device = final_norm(base).weight.device
-        config = stack_text_config(text_config(base), num_stack_layers)
+        config = stack_text_config(text_config(base), num_stack_layers, stack_rope_theta)
         layers = self._vlm_layer_copies(num_stack_layers) if stack_init == "vlm" else None
         self.stack = StackedDecoder(config, layers).to(device=device, dtype=dtype)
         self.stack.norm.load_state_dict(final_norm(base).state_dict())
@@ -246,6 +255,10 @@ class StackedAR(nn.Module):
     @property
     def codebook_dim(self) -> int:
         return self.adapter.layers[0].in_features
+
+    @property
+    def stack_rope_theta(self) -> float:
+        return float(self.stack.config.rope_parameters["rope_theta"])
 
     def train(self, mode: bool = True) -> StackedAR:
         super().train(mode)
@@ -376,6 +389,7 @@ def save_stacked_ar(model: StackedAR, directory: str | Path, base_path: str | Pa
         "codebook_size": model.codebook_size,
         "codebook_dim": model.codebook_dim,
         "stack_init": model.stack_init,
+        "stack_rope_theta": model.stack_rope_theta,
         "base_path": str(Path(base_path).resolve()),
         "base_dtype": str(final_norm(model.base).weight.dtype).removeprefix("torch."),
         "base_checksum": base_state_checksum(model.base),
@@ -410,6 +424,7 @@ def load_stacked_ar(directory: str | Path, base_path: str | Path | None = None) 
         adapter_depth=config["adapter_depth"],
         codebook_size=config["codebook_size"],
         codebook_dim=config["codebook_dim"],
+        stack_rope_theta=config.get("stack_rope_theta"),
     )
     model.stack_init = config["stack_init"]
     model.load_trainable_state_dict(load_file(str(directory / STACKED_AR_WEIGHTS)))

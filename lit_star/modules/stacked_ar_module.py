@@ -124,6 +124,7 @@ class StackedARModule(LightningModule):
         adapter_depth: Linear layers in the generation adapter (2 for STAR-3B, 4 for STAR-7B).
         stack_init: ``vlm`` (copies of the base's last N layers), ``llm`` (from ``llm_path``) or ``rand``.
         llm_path: text-only Hugging Face checkpoint with the base's layer architecture (``stack_init: llm``).
+        stack_rope_theta: rotary base of the stacked layers (default: the base's); see ``StackedAR``.
         init_from: optional ``save_stacked_ar`` directory (e.g. ``python -m lit_star import-reference``
             output for STAR-3B/7B) whose trainable weights replace the initialisation, to fine-tune a
             released model. Its recorded base checksum must match ``base_path``.
@@ -157,6 +158,7 @@ class StackedARModule(LightningModule):
         adapter_depth: int = 2,
         stack_init: StackInit = "vlm",
         llm_path: str | None = None,
+        stack_rope_theta: float | None = None,
         init_from: str | None = None,
         base_dtype: str = "float32",
         cfg_dropout: float = 0.1,
@@ -228,6 +230,7 @@ class StackedARModule(LightningModule):
             stack_init=hp.stack_init,
             llm_path=hp.llm_path,
             dtype=torch.float32,
+            stack_rope_theta=hp.stack_rope_theta,
         )
         stacked_ar.pixel_head.chunk_size = hp.loss_chunk_size
         if hp.init_from is not None and not empty:
