@@ -223,6 +223,12 @@ def test_init_from_loads_a_saved_stack_and_checks_its_base(frozen_dirs, tmp_path
         make_module((other_base, frozen_dirs[1]), init_from=str(tmp_path / "stack")).configure_model()
 
 
+def test_bad_stack_rope_theta_is_refused_before_any_weights_load(tmp_path):
+    # Paths that do not exist: the error must come from the argument check, not from loading.
+    with pytest.raises(ValueError, match="stack_rope_theta must be > 0"):
+        StackedARModule(base_path=str(tmp_path / "no_base"), vq_path=str(tmp_path / "no_vq"), stack_rope_theta=-1.0)
+
+
 def test_unigram_entropy_is_the_entropy_of_the_code_frequencies():
     torch.testing.assert_close(unigram_entropy(torch.tensor([5.0, 5.0, 0.0])), torch.tensor(float(np.log(2.0))))
     torch.testing.assert_close(unigram_entropy(torch.tensor([0.0, 7.0])), torch.tensor(0.0))

@@ -181,6 +181,8 @@ class StackedARModule(LightningModule):
             raise ValueError(f"activation_checkpointing takes 'base' and/or 'stack', got {unknown}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if stack_rope_theta is not None and stack_rope_theta <= 0:  # before the base is loaded
+            raise ValueError(f"stack_rope_theta must be > 0, got {stack_rope_theta}")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         self.save_hyperparameters()
