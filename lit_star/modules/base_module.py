@@ -27,6 +27,7 @@ from torchmetrics import MeanMetric
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from lit_star.data.health import DATA_HEALTH_KEY
+from lit_star.data.shapes import VQA_TYPES as VQA_QTYPES
 from lit_star.data.webdataset_io import TASK_KEY
 from lit_star.models.base_vlm import (
     IGNORE_INDEX,
@@ -44,7 +45,6 @@ from lit_star.models.base_vlm import (
 from lit_star.models.tokenizer import train_qwen2_tokenizer
 from lit_star.modules.schedules import lr_multiplier
 
-VQA_QTYPES = ("count", "color", "relation", "shape", "caption")
 # Text fields of the world's understanding batches (SCHEMA.md) that the tokenizer is trained on.
 CORPUS_FIELDS = ("question", "answer", "prompt")
 CHECKPOINT_FILES_KEY = "base_vlm_files"
