@@ -153,6 +153,8 @@ def test_smoke_curriculum_runs_end_to_end_and_resumes(tmp_path):
     report = (run / "report.md").read_text()
     assert "Every answer identical: **True**" in report and "| stage2_stacked_ar |" in report
     assert "| GenEval-style | seen pairs (control) | riddles, no reasoning | riddles, reasoning |" in report
+    binding = json.loads((run / "eval/binding.json").read_text())
+    assert binding["images"] >= 1 and f"| colour | 0.10 | {binding['colour']:.3f} |" in report
     assert all(Path(grid).is_file() for grid in results["grids"] + rest["grids"])
     assert all(f"![{Path(grid).stem}]" in report for grid in results["grids"] + rest["grids"])
 
@@ -185,3 +187,17 @@ def test_report_merges_split_shapes_results_and_refuses_mixed_samplers(tmp_path)
     config.report.shapes_eval = [first, mixed]
     with pytest.raises(ValueError, match="mixed.json was sampled with"):
         write_report(config, {})
+
+
+def test_report_tables_prompt_binding_by_grid_row(tmp_path):
+    path = tmp_path / "binding.json"
+    path.write_text(json.dumps({
+        "images": 5, "chance": {"colour": 0.1, "shape": 0.2},
+        "colour": 0.6, "colour_by_grid_row": {"0": {"accuracy": 1.0, "images": 2}, "2": {"accuracy": 1 / 3, "images": 3}},
+        "shape": 0.4, "shape_by_grid_row": {"0": {"accuracy": 0.5, "images": 2}, "2": {"accuracy": 1 / 3, "images": 3}},
+    }))
+    report = write_report(OmegaConf.create({"run_dir": str(tmp_path), "report": {"binding": str(path)}}), {}).read_text()
+    assert "(5 one-object validation images)" in report
+    assert "| attribute | chance | all | grid row 0 | grid row 2 |" in report
+    assert "| colour | 0.10 | 0.600 | 1.00 (2) | 0.33 (3) |" in report
+    assert "| shape | 0.20 | 0.400 | 0.50 (2) | 0.33 (3) |" in report

@@ -330,7 +330,7 @@ def _score_table(results: dict[str, dict]) -> list[str]:
 
 
 def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
-    """``<run_dir>/report.md``: wall time per step, understanding before/after, ShapesEval, grids."""
+    """``<run_dir>/report.md``: wall time per step, understanding before/after, prompt binding, ShapesEval, grids."""
     run_dir = Path(config.run_dir)
     sources = config.get("report", {})
     lines = ["# Shapes curriculum report", "", f"Run directory: `{run_dir}`", "", "## Wall time per step", "",
@@ -349,6 +349,20 @@ def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
                   f"| stage 0 base | {before['vqa_accuracy']:.4f} | {before['riddle_accuracy']:.4f} |",
                   f"| base inside stage 2 | {after['vqa_accuracy']:.4f} | {after['riddle_accuracy']:.4f} |", "",
                   f"Every answer identical: **{identical}** ({len(after['answers'])} answers compared)."]
+
+    binding = _load_json(sources.get("binding"))
+    if binding:
+        rows = list(binding["colour_by_grid_row"])
+        lines += ["", "## Prompt binding of stage 2 (`eval binding`)", "",
+                  f"How often an image's own caption gives the lowest image-token loss among captions that differ "
+                  f"only in the colour or only in the shape ({binding['images']} one-object validation images).", "",
+                  "| attribute | chance | all | " + " | ".join(f"grid row {r}" for r in rows) + " |",
+                  "|---" * (len(rows) + 3) + "|"]
+        for attribute in ("colour", "shape"):
+            by_row = binding[f"{attribute}_by_grid_row"]
+            cells = [f"{by_row[r]['accuracy']:.2f} ({by_row[r]['images']})" if r in by_row else "-" for r in rows]
+            lines.append(f"| {attribute} | {binding['chance'][attribute]:.2f} | {binding[attribute]:.3f} | "
+                         + " | ".join(cells) + " |")
 
     shapes = _merged_shapes_results(sources.get("shapes_eval"))
     if shapes:
