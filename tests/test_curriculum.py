@@ -26,7 +26,7 @@ def test_curriculum_config_resolves_and_names_missing_keys(tmp_path):
     config = load_curriculum(RECIPES, run_dir=str(tmp_path))
     assert list(config.steps) == ["world", "stage0_base", "stage1_vq", "tokenize", "understanding_before",
                                   "stage2_stacked_ar", "shapes_eval_seen_and_riddles", "shapes_eval",
-                                  "understanding_after"]
+                                  "understanding_after", "binding"]
     assert config.env.SHAPES_WORLD == f"{tmp_path}/world"
     broken = tmp_path / "broken.yaml"
     broken.write_text("run_dir: x\nsteps:\n  world:\n    argv: [data, shapes]\n")
