@@ -55,14 +55,17 @@ def binding_accuracy(score: CaptionScorer, rows: list[tuple[dict, torch.Tensor]]
     colours = list(COLORS)
     hits: dict[str, dict[int, list[int]]] = {"colour": {}, "shape": {}}
     for obj, codes in rows:
-        for attribute, choices in (("colour", colours), ("shape", list(SHAPES))):
-            truth = obj["color"] if attribute == "colour" else obj["shape"]
-            captions = [
-                noun_phrase(choice, obj["shape"]) if attribute == "colour" else noun_phrase(obj["color"], choice)
-                for choice in choices
-            ]
-            losses = score(captions, codes)
-            hits[attribute].setdefault(int(obj["cell"][0]), []).append(int(choices[int(losses.argmin())] == truth))
+        candidates = {
+            "colour": (obj["color"], {c: noun_phrase(c, obj["shape"]) for c in colours}),
+            "shape": (obj["shape"], {s: noun_phrase(obj["color"], s) for s in SHAPES}),
+        }
+        # The true caption is in both sets; one forward per distinct caption.
+        distinct = list(dict.fromkeys(c for _, captions in candidates.values() for c in captions.values()))
+        loss_of = dict(zip(distinct, score(distinct, codes).tolist()))
+        for attribute, (truth, captions) in candidates.items():
+            choices = list(captions)
+            best = int(torch.tensor([loss_of[captions[c]] for c in choices]).argmin())
+            hits[attribute].setdefault(int(obj["cell"][0]), []).append(int(choices[best] == truth))
     results: dict = {"images": len(rows), "chance": {"colour": 1 / len(colours), "shape": 1 / len(SHAPES)}}
     for attribute, by_row in hits.items():
         every = [hit for row_hits in by_row.values() for hit in row_hits]
