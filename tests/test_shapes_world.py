@@ -176,6 +176,29 @@ def test_captions_and_answers_agree_with_the_scene(world):
             assert question == "Describe the image." and meta["background"] in answer
 
 
+def _mention_order(text: str, objects: list[dict]) -> list[int]:
+    return sorted(range(len(objects)), key=lambda i: text.index(f"{objects[i]['color']} {objects[i]['shape']}"))
+
+
+def test_listing_captions_name_objects_in_reading_order(world):
+    checked = 0
+    for s in _samples(world, "t2i", "train"):
+        meta, caption = json.loads(s["json"]), s["txt"].decode()
+        if meta["category"] in ("two_objects", "color_attr", "dpg"):
+            objects = meta["objects"]
+            cells = [tuple(objects[i]["cell"]) for i in _mention_order(caption, objects)]
+            assert cells == sorted(cells), caption
+            checked += len(objects) > 1
+    for s in _samples(world, "vqa", "train"):
+        meta, answer = json.loads(s["json"]), s["answer.txt"].decode()
+        if meta["qtype"] == "caption":
+            objects = meta["objects"]
+            cells = [tuple(objects[i]["cell"]) for i in _mention_order(answer, objects)]
+            assert cells == sorted(cells), answer
+            checked += len(objects) > 1
+    assert checked >= 5
+
+
 def test_riddles_name_nothing_directly(world):
     # Count words may appear ("the shape with three corners"); colour and shape names may not.
     vocabulary = set(COLORS) | set(SHAPES) | set(SHAPE_PLURALS.values())

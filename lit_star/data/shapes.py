@@ -124,7 +124,11 @@ def sample_prompt(rng: random.Random, category: str, held_out: bool, resolution:
             first, second = second, first
         (ca, sa), (cb, sb) = first, second
         if category != "position":
-            scene = Scene(background, (WorldObject(sa, ca, _size(rng), cells[0]), WorldObject(sb, cb, _size(rng), cells[1])))
+            # Named in reading order, as descriptions are: the first named is the first drawn.
+            cell_a, cell_b = cells[0], cells[1]
+            if cell_b < cell_a:
+                (ca, sa, cell_a), (cb, sb, cell_b) = (cb, sb, cell_b), (ca, sa, cell_a)
+            scene = Scene(background, (WorldObject(sa, ca, _size(rng), cell_a), WorldObject(sb, cb, _size(rng), cell_b)))
             caption = f"{noun_phrase(ca, sa)} and {noun_phrase(cb, sb)}"
             return Prompt(category, scene, caption, [_requirement(ca, sa), _requirement(cb, sb)], [],
                           [(ca, sa, 1), (cb, sb, 1)])

@@ -296,8 +296,13 @@ def noun_phrase(color: str, shape: str, count: int = 1, size: str | None = None)
 
 
 def dpg_description(scene: Scene) -> str:
-    """Long description naming every object with its size and place, and the background."""
-    parts = [f"{noun_phrase(o.color, o.shape, size=o.size)} at the {CELL_NAMES[o.cell]}" for o in scene.objects]
+    """Long description naming every object with its size and place, and the background.
+
+    Objects are listed in reading order (by row, then column), whatever order the scene holds them in:
+    the image shows no other order, so a description in placement order could not be read off it.
+    """
+    parts = [f"{noun_phrase(o.color, o.shape, size=o.size)} at the {CELL_NAMES[o.cell]}"
+             for o in sorted(scene.objects, key=lambda o: o.cell)]
     if not parts:
         listing = "nothing else"
     elif len(parts) == 1:

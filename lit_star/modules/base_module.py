@@ -63,8 +63,9 @@ SCENE_DESCRIPTION = re.compile(r"^a (?P<background>.+?) background with (?P<obje
 def descriptions_match(prediction: str, answer: str) -> bool:
     """Whether two scene descriptions name the same background and the same objects, in any order.
 
-    The world lists a scene's objects in the (shuffled) order they were placed, which the image does not
-    show, so exact match would score a right description wrong for most multi-object scenes.
+    The world lists objects in reading order, but a description that names the same objects in another
+    order describes the same image (and worlds written before that convention listed them in placement
+    order), so the objects are compared as a set.
     """
     prediction, answer = normalize_answer(prediction), normalize_answer(answer)
     if prediction == answer:
