@@ -63,9 +63,8 @@ def binding_accuracy(score: CaptionScorer, rows: list[tuple[dict, torch.Tensor]]
         distinct = list(dict.fromkeys(c for _, captions in candidates.values() for c in captions.values()))
         loss_of = dict(zip(distinct, score(distinct, codes).tolist()))
         for attribute, (truth, captions) in candidates.items():
-            choices = list(captions)
-            best = int(torch.tensor([loss_of[captions[c]] for c in choices]).argmin())
-            hits[attribute].setdefault(int(obj["cell"][0]), []).append(int(choices[best] == truth))
+            best = min(captions, key=lambda choice: loss_of[captions[choice]])
+            hits[attribute].setdefault(int(obj["cell"][0]), []).append(int(best == truth))
     results: dict = {"images": len(rows), "chance": {"colour": 1 / len(colours), "shape": 1 / len(SHAPES)}}
     for attribute, by_row in hits.items():
         every = [hit for row_hits in by_row.values() for hit in row_hits]
