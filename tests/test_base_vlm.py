@@ -177,6 +177,24 @@ def test_task_batches_and_answer_normalisation():
     assert normalize_answer("two") != normalize_answer("three")
 
 
+def test_scene_descriptions_match_as_sets_and_break_down_by_field():
+    from lit_star.eval.understanding import description_breakdown
+    from lit_star.modules.base_module import descriptions_match
+
+    truth = "A gray background with a small red circle at the top left and a large blue star at the center."
+    swapped = "A gray background with a large blue star at the center and a small red circle at the top left."
+    assert descriptions_match(swapped, truth)
+    assert not descriptions_match(truth.replace("small red", "large red"), truth)
+    # Second object: right cell and shape, wrong size and colour; third answer names too few objects.
+    wrong = "A gray background with a small red circle at the top left and a small green star at the center."
+    short = "A white background with a small red circle at the center."
+    parts = description_breakdown([(truth, truth), (wrong, truth), (short, truth), ("a red circle", truth)])
+    assert parts == {"descriptions": 4, "background": 0.5, "object_count": 0.5, "objects": 8,
+                     "cell": 4 / 8, "size": 4 / 8, "color": 4 / 8, "shape": 5 / 8}
+    with pytest.raises(ValueError, match="not a scene description"):
+        description_breakdown([(truth, "a red circle")])
+
+
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
     from lit_star.data.shapes import WorldConfig, generate_world

@@ -13,20 +13,58 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from tqdm import tqdm
 
 from lit_star.data.datamodules import KnowledgeDataModule, VQADataModule
 from lit_star.models.base_vlm import generate_answers, images_to_uint8, load_base_vlm, load_processor
-from lit_star.modules.base_module import descriptions_match, normalize_answer
+from lit_star.modules.base_module import description_parts, descriptions_match, normalize_answer
 
 
 def answer_is_correct(prediction: str, answer: str, qtype: str | None) -> bool:
     exact = normalize_answer(prediction) == normalize_answer(answer)
     return exact or (qtype == "caption" and descriptions_match(prediction, answer))
+
+
+OBJECT_PHRASE = re.compile(r"^an? (?P<size>\S+) (?P<color>\S+) (?P<shape>\S+) at the (?P<cell>.+)$")
+DESCRIPTION_FIELDS = ("cell", "size", "color", "shape")
+
+
+def description_breakdown(pairs: Iterable[tuple[str, str]]) -> dict:
+    """Which parts of the scene descriptions a base gets right, over ``(prediction, answer)`` pairs.
+
+    Exact match of a whole description hides what the base cannot read. Descriptions list objects in
+    reading order, so the n-th object named is compared with the n-th true object, field by field
+    (an object that is missing, or a phrase that does not parse, is wrong in every field).
+    """
+    descriptions = right_background = right_number = objects = 0
+    right = dict.fromkeys(DESCRIPTION_FIELDS, 0)
+    for prediction, answer in pairs:
+        expected = description_parts(answer)
+        if expected is None:
+            raise ValueError(f"not a scene description: {answer!r}")
+        found = description_parts(prediction) or ("", [])
+        descriptions += 1
+        right_background += found[0] == expected[0]
+        right_number += len(found[1]) == len(expected[1])
+        for index, phrase in enumerate(expected[1]):
+            truth = OBJECT_PHRASE.match(phrase)
+            named = OBJECT_PHRASE.match(found[1][index]) if index < len(found[1]) else None
+            objects += 1
+            for field in DESCRIPTION_FIELDS:
+                right[field] += named is not None and named[field] == truth[field]
+    return {
+        "descriptions": descriptions,
+        "background": right_background / max(1, descriptions),
+        "object_count": right_number / max(1, descriptions),
+        "objects": objects,
+        **{field: n / max(1, objects) for field, n in right.items()},
+    }
 
 
 def _val_batches(datamodule):
@@ -42,6 +80,7 @@ def understanding_accuracy(model, processor, world: str | Path, batch_size: int 
     model.eval()
     per_type: dict[str, list[bool]] = defaultdict(list)
     answers: dict[str, str] = {}
+    descriptions: list[tuple[str, str]] = []
     vqa = VQADataModule(val_shards=str(world / "vqa" / "val-*.tar"), batch_size=batch_size, resolution=64)
     seen = 0
     for batch in tqdm(_val_batches(vqa), desc="vqa", unit="batch"):
@@ -50,6 +89,8 @@ def understanding_accuracy(model, processor, world: str | Path, batch_size: int 
         for prediction, answer, meta, key in zip(predictions, batch["answer"], batch["meta"], batch["__key__"]):
             per_type[meta.get("qtype", "unknown")].append(answer_is_correct(prediction, answer, meta.get("qtype")))
             answers[f"vqa/{key}"] = prediction
+            if meta.get("qtype") == "caption":
+                descriptions.append((prediction, answer))
         seen += len(predictions)
         if limit is not None and seen >= limit:
             break
@@ -69,6 +110,7 @@ def understanding_accuracy(model, processor, world: str | Path, batch_size: int 
         "vqa_accuracy": sum(all_vqa) / max(1, len(all_vqa)),
         "vqa_accuracy_by_type": {q: sum(v) / len(v) for q, v in sorted(per_type.items())},
         "vqa_questions": len(all_vqa),
+        "descriptions": description_breakdown(descriptions),
         "riddle_accuracy": sum(riddles) / max(1, len(riddles)),
         "riddles": len(riddles),
         "answers": answers,
@@ -96,6 +138,10 @@ def main(argv: list[str]) -> int:
     result = understanding_accuracy(model, processor, args.world, args.batch_size, limit=args.limit)
     by_type = ", ".join(f"{q} {v:.3f}" for q, v in result["vqa_accuracy_by_type"].items())
     print(f"VQA accuracy {result['vqa_accuracy']:.4f} over {result['vqa_questions']} questions ({by_type})")
+    parts = result["descriptions"]
+    fields = ", ".join(f"{field} {parts[field]:.2f}" for field in DESCRIPTION_FIELDS)
+    print(f"scene descriptions ({parts['descriptions']}): background {parts['background']:.2f}, number of objects "
+          f"{parts['object_count']:.2f}; per object in reading order ({parts['objects']}): {fields}")
     print(f"riddle accuracy {result['riddle_accuracy']:.4f} over {result['riddles']} riddles")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -70,14 +70,18 @@ def descriptions_match(prediction: str, answer: str) -> bool:
     prediction, answer = normalize_answer(prediction), normalize_answer(answer)
     if prediction == answer:
         return True
-    found, expected = SCENE_DESCRIPTION.match(prediction), SCENE_DESCRIPTION.match(answer)
+    found, expected = description_parts(prediction), description_parts(answer)
     if found is None or expected is None:
         return False
+    return found[0] == expected[0] and sorted(found[1]) == sorted(expected[1])
 
-    def objects(match: re.Match) -> list[str]:
-        return sorted(match["objects"].replace(" and ", ", ").split(", "))
 
-    return found["background"] == expected["background"] and objects(found) == objects(expected)
+def description_parts(text: str) -> tuple[str, list[str]] | None:
+    """``(background, object phrases in the order named)`` of a scene description, or None if it is not one."""
+    match = SCENE_DESCRIPTION.match(normalize_answer(text))
+    if match is None:
+        return None
+    return match["background"], match["objects"].replace(" and ", ", ").split(", ")
 
 
 def task_batches(batch: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
