@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 from lit_star.data import shapes
 from lit_star.data.shapes import WorldConfig, generate_world
 from lit_star.data.shapes_world import (
-    BACKGROUNDS, COLORS, COUNT_WORDS, HELD_OUT_COMBOS, SHAPE_PLURALS, SHAPES, Scene, WorldObject, object_bbox,
+    BACKGROUNDS, CELL_NAMES, COLORS, COUNT_WORDS, HELD_OUT_COMBOS, SHAPE_PLURALS, SHAPES, Scene, WorldObject, object_bbox,
     relations_between, render_scene, scene_relations,
 )
 
@@ -102,6 +103,25 @@ def test_shard_samples_follow_the_schema(world):
         assert json.loads(s["json"])["caption"] == s["answer.txt"].decode()
     keys = [s["__key__"] for s in t2i]
     assert len(set(keys)) == len(keys) and "." not in "".join(keys)
+
+
+def test_grounding_questions_are_asked_in_training_only_and_read_off_the_scene(world, tmp_path):
+    assert {json.loads(s["json"])["qtype"] for s in _samples(world, "vqa", "train")} <= set(shapes.VQA_TYPES)
+    grounded = tmp_path / "grounded"
+    generate_world(grounded, WorldConfig(seed=0, grounding_questions=True, **TINY), progress=False)
+    assert _tree_digest(grounded / "vqa")["val-000000.tar"] == _tree_digest(world / "vqa")["val-000000.tar"]
+    asked = Counter()
+    for s in _samples(grounded, "vqa", "train"):
+        meta = json.loads(s["json"])
+        if meta["qtype"] not in shapes.GROUNDING_TYPES:
+            assert meta["qtype"] in shapes.VQA_TYPES
+            continue
+        asked[meta["qtype"]] += 1
+        color, shape = re.fullmatch(r"(?:Where is|What size is) the (.+) (\w+)\?", s["question.txt"].decode()).groups()
+        (named,) = [o for o in Scene.from_meta(meta).objects if (o.color, o.shape) == (color, shape)]
+        expected = CELL_NAMES[named.cell] if meta["qtype"] == "where" else named.size
+        assert s["answer.txt"].decode() == expected, s["__key__"]
+    assert set(asked) == set(shapes.GROUNDING_TYPES)
 
 
 def test_eval_sets_have_ids_images_and_sizes(world):
