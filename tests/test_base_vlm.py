@@ -190,7 +190,7 @@ def test_scene_descriptions_match_as_sets_and_break_down_by_field():
     short = "A white background with a small red circle at the center."
     parts = description_breakdown([(truth, truth), (wrong, truth), (short, truth), ("a red circle", truth)])
     assert parts == {"descriptions": 4, "background": 0.5, "object_count": 0.5, "objects": 8,
-                     "cell": 4 / 8, "size": 4 / 8, "color": 4 / 8, "shape": 5 / 8}
+                     "per_object": {"cell": 4 / 8, "size": 4 / 8, "color": 4 / 8, "shape": 5 / 8}}
     with pytest.raises(ValueError, match="not a scene description"):
         description_breakdown([(truth, "a red circle")])
 

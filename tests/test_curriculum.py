@@ -152,6 +152,7 @@ def test_smoke_curriculum_runs_end_to_end_and_resumes(tmp_path):
     assert "geneval" not in rest and "geneval_seen_combinations" not in results, "the two processes split the sets"
     report = (run / "report.md").read_text()
     assert "Every answer identical: **True**" in report and "| stage2_stacked_ar |" in report
+    assert f"Scene descriptions ({before['descriptions']['descriptions']}), per object in reading order" in report
     assert "| GenEval-style | seen pairs (control) | riddles, no reasoning | riddles, reasoning |" in report
     binding = json.loads((run / "eval/binding.json").read_text())
     assert binding["images"] >= 1 and f"| colour | 0.10 | {binding['colour']:.3f} |" in report

@@ -348,7 +348,13 @@ def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
                   "| | VQA accuracy | riddle accuracy |", "|---|---|---|",
                   f"| stage 0 base | {before['vqa_accuracy']:.4f} | {before['riddle_accuracy']:.4f} |",
                   f"| base inside stage 2 | {after['vqa_accuracy']:.4f} | {after['riddle_accuracy']:.4f} |", "",
-                  f"Every answer identical: **{identical}** ({len(after['answers'])} answers compared)."]
+                  f"Every answer identical: **{identical}** ({len(after['answers'])} answers compared).", "",
+                  "Stage 0 base by question type: "
+                  + ", ".join(f"{q} {v:.2f}" for q, v in before["vqa_accuracy_by_type"].items()) + "."]
+        parts = before.get("descriptions")  # absent from files written before the breakdown existed
+        if parts:
+            lines += ["", f"Scene descriptions ({parts['descriptions']}), per object in reading order ({parts['objects']}): "
+                      + ", ".join(f"{field} {share:.2f}" for field, share in parts["per_object"].items()) + "."]
 
     binding = _load_json(sources.get("binding"))
     if binding:

@@ -63,7 +63,7 @@ def description_breakdown(pairs: Iterable[tuple[str, str]]) -> dict:
         "background": right_background / max(1, descriptions),
         "object_count": right_number / max(1, descriptions),
         "objects": objects,
-        **{field: n / max(1, objects) for field, n in right.items()},
+        "per_object": {field: n / max(1, objects) for field, n in right.items()},
     }
 
 
@@ -139,7 +139,7 @@ def main(argv: list[str]) -> int:
     by_type = ", ".join(f"{q} {v:.3f}" for q, v in result["vqa_accuracy_by_type"].items())
     print(f"VQA accuracy {result['vqa_accuracy']:.4f} over {result['vqa_questions']} questions ({by_type})")
     parts = result["descriptions"]
-    fields = ", ".join(f"{field} {parts[field]:.2f}" for field in DESCRIPTION_FIELDS)
+    fields = ", ".join(f"{field} {share:.2f}" for field, share in parts["per_object"].items())
     print(f"scene descriptions ({parts['descriptions']}): background {parts['background']:.2f}, number of objects "
           f"{parts['object_count']:.2f}; per object in reading order ({parts['objects']}): {fields}")
     print(f"riddle accuracy {result['riddle_accuracy']:.4f} over {result['riddles']} riddles")
