@@ -193,6 +193,9 @@ def test_scene_descriptions_match_as_sets_and_break_down_by_field():
                      "per_object": {"cell": 4 / 8, "size": 4 / 8, "color": 4 / 8, "shape": 5 / 8}}
     with pytest.raises(ValueError, match="not a scene description"):
         description_breakdown([(truth, "a red circle")])
+    empty = "A white background with nothing else."
+    assert descriptions_match(empty, empty.lower()) and not descriptions_match(short, empty)
+    assert description_breakdown([(short, empty)])["objects"] == 0
 
 
 @pytest.fixture(scope="module")

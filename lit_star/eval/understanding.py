@@ -54,6 +54,8 @@ def description_breakdown(pairs: Iterable[tuple[str, str]]) -> dict:
         right_number += len(found[1]) == len(expected[1])
         for index, phrase in enumerate(expected[1]):
             truth = OBJECT_PHRASE.match(phrase)
+            if truth is None:
+                raise ValueError(f"not an object of a scene description: {phrase!r} in {answer!r}")
             named = OBJECT_PHRASE.match(found[1][index]) if index < len(found[1]) else None
             objects += 1
             for field in DESCRIPTION_FIELDS:

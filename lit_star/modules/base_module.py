@@ -81,6 +81,8 @@ def description_parts(text: str) -> tuple[str, list[str]] | None:
     match = SCENE_DESCRIPTION.match(normalize_answer(text))
     if match is None:
         return None
+    if match["objects"] == "nothing else":  # an empty scene
+        return match["background"], []
     return match["background"], match["objects"].replace(" and ", ", ").split(", ")
 
 
