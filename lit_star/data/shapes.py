@@ -525,9 +525,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     defaults = WorldConfig()
     for f in fields(WorldConfig):
-        kind = {"type": int} if f.type == "int" else {"action": argparse.BooleanOptionalAction}
-        parser.add_argument(f"--{f.name.replace('_', '-')}", **kind, default=getattr(defaults, f.name),
-                            help=f"default {getattr(defaults, f.name)}")
+        default = getattr(defaults, f.name)
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {"type": int}
+        parser.add_argument(f"--{f.name.replace('_', '-')}", **kind, default=default, help=f"default {default}")
     args = parser.parse_args(argv)
     cfg = WorldConfig(**{f.name: getattr(args, f.name) for f in fields(WorldConfig)})
     try:
