@@ -16,7 +16,7 @@ from lit_star.data import shapes
 from lit_star.data.shapes import WorldConfig, generate_world
 from lit_star.data.shapes_world import (
     BACKGROUNDS, CELL_NAMES, COLORS, COUNT_WORDS, HELD_OUT_COMBOS, SHAPE_PLURALS, SHAPES, Scene, WorldObject, object_bbox,
-    relations_between, render_scene, scene_relations,
+    one_attribute_phrase, relations_between, render_scene, scene_relations,
 )
 
 TINY = dict(t2i_train=60, t2i_val=8, vqa_train=60, vqa_val=8, edit_train=30, edit_val=6, knowledge_train=30,
@@ -122,6 +122,26 @@ def test_grounding_questions_are_asked_in_training_only_and_read_off_the_scene(w
         expected = CELL_NAMES[named.cell] if meta["qtype"] == "where" else named.size
         assert s["answer.txt"].decode() == expected, s["__key__"]
     assert set(asked) == set(shapes.GROUNDING_TYPES)
+
+
+def test_attribute_captions_name_one_training_object_by_colour_or_shape_in_training_only(world, tmp_path):
+    named = tmp_path / "attributes"
+    generate_world(named, WorldConfig(seed=0, attribute_captions=True, **TINY), progress=False)
+    assert _tree_digest(named / "t2i")["val-000000.tar"] == _tree_digest(world / "t2i")["val-000000.tar"]
+    by_colour = by_shape = 0
+    for s in _samples(named, "t2i", "train"):
+        meta, caption = json.loads(s["json"]), s["txt"].decode()
+        if meta["category"] != "one_attribute":
+            assert meta["category"] in shapes.GENEVAL_CATEGORIES + ("dpg",)
+            continue
+        (obj,) = meta["objects"]
+        assert (obj["color"], obj["shape"]) not in HELD_OUT_COMBOS
+        by_colour += caption == one_attribute_phrase(color=obj["color"])
+        by_shape += caption == one_attribute_phrase(shape=obj["shape"])
+    assert by_colour and by_shape
+    assert one_attribute_phrase(color="orange") == "an orange object" and one_attribute_phrase(shape="star") == "a star"
+    with pytest.raises(ValueError, match="exactly one"):
+        one_attribute_phrase(color="red", shape="star")
 
 
 def test_eval_sets_have_ids_images_and_sizes(world):

@@ -27,7 +27,7 @@ from lit_star.data.shapes_world import (
     BACKGROUNDS, CELL_NAMES, COLOR_HINTS, COLORS, COUNT_HINTS, EDIT_CATEGORIES, GENEVAL_CATEGORIES, GRID,
     HELD_OUT_COMBOS, HEXAGON_ASPECT,
     RELATION_PHRASES, RELATIONS, SCHEMA_VERSION, SHAPE_HINTS, SHAPE_PLURALS, SHAPES, SIZES, Scene, WorldObject,
-    dpg_description, noun_phrase, render_scene, scene_relations,
+    dpg_description, noun_phrase, one_attribute_phrase, render_scene, scene_relations,
 )
 
 RIDDLE_CATEGORIES = ("single_object", "two_objects", "counting", "position")
@@ -40,6 +40,12 @@ GROUNDING_TYPES = ("where", "size")
 # How often each kind of sample is drawn for training.
 T2I_MIX = {"single_object": 0.12, "two_objects": 0.14, "counting": 0.16, "colors": 0.10,
            "position": 0.16, "color_attr": 0.12, "dpg": 0.20}
+# With WorldConfig.attribute_captions the t2i *training* split also draws one object named by its colour
+# alone ("a red object") or its shape alone ("a star"). In the default mix a shape word always comes
+# with a colour word, so the stack can learn the 40 training pairs as a lookup and draw a held-out
+# "red star" as a red shape it has seen (docs/LOG.md, ninth session); here each word must steer the
+# image on its own.
+T2I_ATTRIBUTE_MIX = {**{k: v * 0.75 for k, v in T2I_MIX.items()}, "one_attribute": 0.25}
 VQA_MIX = {"count": 0.22, "color": 0.20, "shape": 0.18, "relation": 0.22, "caption": 0.18}
 VQA_GROUNDING_MIX = {"count": 0.15, "color": 0.13, "shape": 0.12, "relation": 0.18, "caption": 0.17,
                      "where": 0.15, "size": 0.10}
@@ -67,6 +73,7 @@ class WorldConfig:
     knowledge_eval_size: int = 100
     shard_size: int = 1000
     grounding_questions: bool = False  # training VQA also asks where objects are and their size (val unchanged)
+    attribute_captions: bool = False  # training t2i also names single objects by colour or shape alone (val unchanged)
 
 
 @dataclass
@@ -304,10 +311,23 @@ def _mixture(rng: random.Random, mix: dict[str, float]) -> str:
     return rng.choices(tuple(mix), weights=tuple(mix.values()))[0]
 
 
+def one_attribute_prompt(rng: random.Random, resolution: int) -> Prompt:
+    """One training object (never a held-out pair) captioned by its colour alone or its shape alone."""
+    single = sample_prompt(rng, "single_object", False, resolution)
+    color, shape, _ = single.subjects[0]
+    if rng.random() < 0.5:
+        caption, include = one_attribute_phrase(color=color), {"color": color, "count": 1}
+    else:
+        caption, include = one_attribute_phrase(shape=shape), {"shape": shape, "count": 1}
+    return Prompt("one_attribute", single.scene, caption, [include], [], single.subjects)
+
+
 def _t2i_samples(rng, n, cfg: WorldConfig, split: str) -> Iterator[dict]:
     res = cfg.resolution
+    mix = T2I_ATTRIBUTE_MIX if cfg.attribute_captions and split == "train" else T2I_MIX
     for _ in range(n):
-        p = sample_prompt(rng, _mixture(rng, T2I_MIX), False, res)
+        category = _mixture(rng, mix)
+        p = one_attribute_prompt(rng, res) if category == "one_attribute" else sample_prompt(rng, category, False, res)
         yield {"png": _png(render_scene(p.scene, res)), "txt": p.caption.encode(),
                "json": _json_bytes({"category": p.category, **p.scene.to_meta(res)})}
 

@@ -295,6 +295,14 @@ def noun_phrase(color: str, shape: str, count: int = 1, size: str | None = None)
     return f"{COUNT_WORDS[count]} {adjectives} {SHAPE_PLURALS[shape]}"
 
 
+def one_attribute_phrase(color: str | None = None, shape: str | None = None) -> str:
+    """``a red object`` or ``a star``: one object named by exactly one of its colour and shape."""
+    if (color is None) == (shape is None):
+        raise ValueError(f"name exactly one of colour and shape, got colour={color!r}, shape={shape!r}")
+    words = f"{color} object" if color else shape
+    return f"{_article(words)} {words}"
+
+
 def dpg_description(scene: Scene) -> str:
     """Long description naming every object with its size and place, and the background.
 
