@@ -317,12 +317,16 @@ def test_tokenize_decodes_back_and_resumes(tmp_path, capsys):
 
     # Resume: finished shards are skipped, a missing one is redone.
     done_mtime = (out / "train-000000.tar").stat().st_mtime_ns
+    first_bytes = (out / "train-000001.tar").read_bytes()
     (out / "train-000001.tar").unlink()
     assert tokenize.main(argv) == 0
     assert "1 already done, 1 to encode" in capsys.readouterr().out
     assert (out / "train-000000.tar").stat().st_mtime_ns == done_mtime
+    # Redone, the shard is the same bytes: members carry no time stamp.
+    assert (out / "train-000001.tar").read_bytes() == first_bytes
     with tarfile.open(out / "train-000001.tar") as tar:
         assert sum(name.endswith(".codes.npy") for name in tar.getnames()) == 3
+        assert {m.mtime for m in tar.getmembers()} == {0}
     assert not list(out.glob(".*.tmp"))
 
 

@@ -31,6 +31,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from lit_star.data.images import decode_image, resize_center_crop, rgb_to_tensor
+from lit_star.data.webdataset_io import reproducible_tar_writer
 from lit_star.models.vq import VQModel
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class ShardTokenizer:
         written = 0
         dataset = wds.WebDataset(str(source), shardshuffle=False, handler=wds.handlers.reraise_exception, empty_check=False)
         try:
-            with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False) as writer:
+            with open(tmp, "wb") as stream, reproducible_tar_writer(stream) as writer:
                 pending: list[dict] = []
                 for raw in dataset:
                     sample = {k: v for k, v in raw.items() if k not in ("__url__", "__local_path__")}

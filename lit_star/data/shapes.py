@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator
 
-import webdataset as wds
 from tqdm import tqdm
 
 from lit_star.data.shapes_world import (
@@ -29,6 +28,7 @@ from lit_star.data.shapes_world import (
     RELATION_PHRASES, RELATIONS, SCHEMA_VERSION, SHAPE_HINTS, SHAPE_PLURALS, SHAPES, SIZES, Scene, WorldObject,
     dpg_description, noun_phrase, one_attribute_phrase, render_scene, scene_relations,
 )
+from lit_star.data.webdataset_io import reproducible_tar_writer
 
 RIDDLE_CATEGORIES = ("single_object", "two_objects", "counting", "position")
 VQA_TYPES = ("count", "color", "shape", "relation", "caption")
@@ -375,8 +375,7 @@ def _write_shards(out: Path, task: str, split: str, samples: Iterator[dict], sha
                 writer.close()
             name = f"{split}-{len(names):06d}.tar"
             names.append(f"{task}/{name}")
-            # Fixed mtime/owner so that the same seed gives byte-identical shards.
-            writer = wds.TarWriter(str(folder / name), encoder=False, mtime=0, user="lit_star", group="lit_star")
+            writer = reproducible_tar_writer(folder / name)
         writer.write({"__key__": f"{task}-{split}-{index:06d}", **sample})
         bar.update(1)
     if writer is not None:

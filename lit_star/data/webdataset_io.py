@@ -35,6 +35,13 @@ from webdataset.utils import pytorch_worker_info
 from lit_star.data.health import DATA_HEALTH_KEY, DataHealthError, SkipLedger
 from lit_star.data.images import load_image_tensor
 
+def reproducible_tar_writer(target) -> wds.TarWriter:
+    """A shard writer (``target``: a path or a binary stream) whose members carry no time and no machine
+    owner, so that the same samples always give the same bytes (``cmp`` can check a rerun)."""
+    return wds.TarWriter(str(target) if isinstance(target, os.PathLike) else target, encoder=False, mtime=0,
+                         user="lit_star", group="lit_star")
+
+
 FieldKind = Literal["image", "text", "json", "codes", "conversation"]
 CONVERSATION_ROLES = ("system", "user", "assistant")
 TASK_KEY = "task"
