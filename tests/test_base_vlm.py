@@ -276,12 +276,16 @@ def test_pixel_statistics_centre_the_world_images():
         base_vlm.pixel_statistics([torch.zeros(2, 8, 8)])
 
 
-@pytest.mark.parametrize("interleaved", [False, True])
-def test_interleaved_mrope_gives_the_width_axis_usable_frequencies(tokenizer, interleaved):
+@pytest.mark.parametrize("interleaved, order, fastest_turn", [
+    (False, "thw", 1000 ** (-10 / 16)),  # contiguous [4, 6, 6]: w gets frequencies 10..15 of 16
+    (True, "thw", 1000 ** (-2 / 16)),    # t, h, w, t, ...: w the third fastest
+    (True, "wht", 1.0),                  # w first
+])
+def test_interleaved_mrope_gives_the_width_axis_usable_frequencies(tokenizer, interleaved, order, fastest_turn):
     # Through transformers' own rotary module: one column to the right must turn some rotary pair by
     # at least 0.3 rad, or a 3 x 3 token grid carries no left/right signal. Qwen's contiguous split at
     # head_dim 32 gives the width axis only the lowest frequencies (at most 0.0032 rad per column).
-    spec = tiny_spec("tiny", {"interleaved_mrope": interleaved})
+    spec = tiny_spec("tiny", {"interleaved_mrope": interleaved, "mrope_axis_order": order})
     model = Qwen2_5_VLForConditionalGeneration(base_vlm.tiny_config(tokenizer, spec))
     rotary = model.model.language_model.rotary_emb
     x = torch.zeros(1, 1, spec.hidden_size)
@@ -291,3 +295,16 @@ def test_interleaved_mrope_gives_the_width_axis_usable_frequencies(tokenizer, in
     cos_w, sin_w = rotary(x, next_column)
     turn = torch.atan2(sin_w * cos - cos_w * sin, cos_w * cos + sin_w * sin).abs().max().item()
     assert (turn > 0.3) == interleaved, turn
+    assert turn == pytest.approx(fastest_turn, rel=1e-4)
+    if order != "thw":
+        # The other axes keep all their frequencies: the sections still cover the rotary half-dimension.
+        assert sum(spec.mrope_section) == spec.head_dim // 2
+        assert spec.mrope_section[:7] == [0, 0, 1, 0, 1, 0, 1]  # w, h, t
+
+
+def test_mrope_axis_order_must_name_each_axis_once():
+    for bad in ("tww", "th", "xyz"):
+        with pytest.raises(ValueError, match="mrope_axis_order"):
+            tiny_spec("tiny", {"mrope_axis_order": bad}).mrope_section
+    with pytest.raises(ValueError, match="needs interleaved_mrope"):
+        tiny_spec("tiny", {"interleaved_mrope": False, "mrope_axis_order": "wht"}).mrope_section

@@ -53,6 +53,11 @@ class TinyBaseSpec:
     # With Qwen's contiguous split and head_dim 32, the width axis gets only frequencies below 0.004 rad
     # per position: a 3 x 3 token grid has no usable left/right signal in the LLM's attention.
     interleaved_mrope: bool = False
+    # With interleaving, which axis takes the fastest frequency, the next and the third (then repeating).
+    # Image tokens share one t, so Qwen's order "thw" spends the fastest rotation (1 rad per position)
+    # on an axis that does not vary inside the image and leaves the width axis the third (0.42 rad per
+    # column at theta 1000).
+    mrope_axis_order: str = "thw"
     max_position_embeddings: int = 2048
     vision_hidden_size: int = 64
     vision_intermediate_size: int = 192
@@ -75,11 +80,21 @@ class TinyBaseSpec:
 
         Qwen's split is contiguous, [16, 24, 24] for head_dim 128: t takes the highest frequencies and w
         the lowest. transformers assigns section i to axis i % 3, so a list of 1s interleaves the axes
-        over the frequencies instead (``interleaved_mrope``).
+        over the frequencies instead (``interleaved_mrope``), and empty sections put them in
+        ``mrope_axis_order`` ("wht": [0, 0, 1, 0, 1, 0, 1, ...]).
         """
         half = self.head_dim // 2
+        if sorted(self.mrope_axis_order) != sorted("thw"):
+            raise ValueError(f"mrope_axis_order must order the axes t, h and w, got {self.mrope_axis_order!r}")
         if self.interleaved_mrope:
-            return [1] * half
+            # transformers gives section i to axis i % 3, so empty sections skip to the wanted axis.
+            sections: list[int] = []
+            for frequency in range(half):
+                axis = "thw".index(self.mrope_axis_order[frequency % 3])
+                sections += [0] * ((axis - len(sections)) % 3) + [1]
+            return sections
+        if self.mrope_axis_order != "thw":
+            raise ValueError("mrope_axis_order other than 'thw' needs interleaved_mrope")
         t = half // 4
         h = (half - t) // 2
         return [t, h, half - t - h]
