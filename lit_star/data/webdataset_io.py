@@ -35,6 +35,7 @@ from webdataset.utils import pytorch_worker_info
 from lit_star.data.health import DATA_HEALTH_KEY, DataHealthError, SkipLedger
 from lit_star.data.images import load_image_tensor
 
+
 def reproducible_tar_writer(target) -> wds.TarWriter:
     """A shard writer (``target``: a path or a binary stream) whose members carry no time and no machine
     owner, so that the same samples always give the same bytes (``cmp`` can check a rerun)."""
