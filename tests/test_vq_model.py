@@ -230,6 +230,29 @@ def test_training_forward_losses_gradients_and_usage():
     assert torch.equal(model.quantize.codebook_used, before)  # usage is tracked in training mode only
 
 
+def test_quantizer_gradient_is_bitwise_repeatable_on_two_threads():
+    # Many positions share a few codes, so the codebook gradient sums many terms per row. With
+    # codebook[codes] those sums came out in a thread-timing order and differed run to run in their
+    # last bits, which stage 1 grew into different codes (docs/LOG.md, twelfth session).
+    quantize = seeded_tiny(projector=True).train().quantize
+    codebook = quantize.codebook().detach()
+    picks = torch.randint(0, 4, (16 * 16 * 16,), generator=torch.Generator().manual_seed(0))
+    z = (codebook[picks] + 1e-3 * torch.randn(picks.numel(), codebook.shape[1], generator=torch.Generator().manual_seed(1)))
+    z = z.view(16, 16, 16, -1).permute(0, 3, 1, 2).contiguous()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(12):
+            quantize.zero_grad(set_to_none=True)
+            out = quantize(z)
+            (out.codebook_loss + out.commitment_loss).backward()
+            grads.append(torch.cat([p.grad.flatten() for p in quantize.parameters() if p.grad is not None]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
 def test_entropy_loss_when_enabled():
     torch.manual_seed(0)
     model = VQModel(vq_config("tiny", codebook_projector=False, entropy_loss_ratio=0.1)).train()

@@ -481,7 +481,10 @@ class VectorQuantizer(nn.Module):
         codebook = self.codebook()
         flat = z.view(-1, d)
         codes = nearest_code_indices(flat.detach(), codebook.detach(), self.search_chunk_elements)
-        z_q = codebook[codes].view(b, h, w, d)
+        # F.embedding, not codebook[codes]: the backward of advanced indexing (index_put_ with accumulate)
+        # sums the gradient of a code used many times in an order that changes from run to run on more
+        # than one CPU thread, and those last bits decide later codes.
+        z_q = F.embedding(codes, codebook).view(b, h, w, d)
         codebook_loss = torch.mean((z_q - z.detach()) ** 2)
         commitment_loss = self.beta * torch.mean((z_q.detach() - z) ** 2)
         if self.entropy_loss_ratio > 0:
