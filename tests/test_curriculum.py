@@ -34,6 +34,13 @@ def test_curriculum_config_resolves_and_names_missing_keys(tmp_path):
         load_curriculum([str(broken)])
 
 
+def test_main_curriculum_keeps_each_training_step_on_the_threads_it_starts_with():
+    # A step that grows mid-run changes its float sums at a wall-clock step, so two runs of the README's
+    # main job would train different VQs and report different scores (docs/LOG.md, twelfth session).
+    config = load_curriculum([RECIPES[0]])
+    assert not [name for name, step in config.steps.items() if step.get("grow", False)]
+
+
 # Stands in for `python -m lit_star ...`: waits, watching its thread budget file, then records when it
 # ran, with how many threads, and every budget the scheduler granted it meanwhile.
 FAKE_STEP = """
