@@ -191,10 +191,9 @@ def test_report_merges_split_shapes_results_and_refuses_mixed_samplers(tmp_path)
     config = OmegaConf.create({"run_dir": str(tmp_path), "report": {"shapes_eval": [first, second]}})
     report = write_report(config, {}).read_text()
     assert "| GenEval-style | seen pairs (control) |" in report and "![first]" in report and "![second]" in report
-    assert "| overall, standard error | - | - |" in report  # no prompt counts, no error bar
-    counted = {"overall": 0.25, "categories": {"colors": 0.5, "counting": 0.0}, "counts": {"colors": 50, "counting": 20}}
+    assert "| overall, standard error | - | - |" in report  # results written before the error was recorded
+    counted = {"overall": 0.25, "overall_standard_error": 0.0354, "categories": {"colors": 0.5, "counting": 0.0}}
     config.report.shapes_eval = part("counted", {"cfg_scale": 6.0}, {"geneval": counted})
-    # sqrt(0.5 * 0.5 / 50 + 0) / 2 categories
     assert "| overall, standard error | 0.035 |" in write_report(config, {}).read_text()
     mixed = part("mixed", {"cfg_scale": 3.0}, {"geneval_seen_combinations": table})
     config.report.shapes_eval = [first, mixed]

@@ -174,11 +174,18 @@ def test_cli_prints_a_table_and_writes_json(world, tmp_path, capsys):
     assert "ShapesEval (edit)" in table and "overall" in table and "1.00" in table
     saved = json.loads(out.read_text())
     assert saved["overall"] == 1.0 and set(saved["categories"]) == set(shapes_eval.EDIT_CATEGORIES)
+    assert saved["overall_standard_error"] == 0.0 and "standard error 0.00" in table  # every edit scored 1
     assert shapes_eval.main(["--prompts", str(world / "eval/edit.jsonl"), "--images", str(tmp_path)]) == 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "x"}\n')
     assert shapes_eval.main(["--prompts", str(bad), "--images", str(tmp_path)]) == 2
     assert "lacks 'category'" in capsys.readouterr().err
+
+
+def test_overall_standard_error_is_the_binomial_error_of_the_category_mean():
+    # sqrt(0.5 * 0.5 / 50 + 0 * 1 / 20) / 2 categories
+    error = shapes_eval.overall_standard_error({"colors": 0.5, "counting": 0.0}, {"colors": 50, "counting": 20})
+    assert error == pytest.approx(0.0353553, abs=1e-6)
 
 
 def test_seen_combination_control_set_uses_training_pairs_and_scores_its_scenes():

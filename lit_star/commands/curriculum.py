@@ -326,19 +326,9 @@ def _score_table(results: dict[str, dict]) -> list[str]:
             value = result["overall"] if category == "overall" else result["categories"].get(category)
             cells.append("-" if value is None else f"{value:.3f}")
         lines.append(f"| {category} | " + " | ".join(cells) + " |")
-    lines.append("| overall, standard error | " + " | ".join(_overall_standard_error(r) for r in results.values()) + " |")
+    errors = [r.get("overall_standard_error") for r in results.values()]  # absent from older results files
+    lines.append("| overall, standard error | " + " | ".join("-" if e is None else f"{e:.3f}" for e in errors) + " |")
     return lines
-
-
-def _overall_standard_error(result: dict) -> str:
-    """The binomial standard error of a set's overall score (the mean of its category scores), from the
-    number of prompts per category: how far another sampler seed may move it (docs/LOG.md, twelfth session)."""
-    counts = result.get("counts") or {}
-    categories = result["categories"]
-    if not categories or any(not counts.get(c) for c in categories):
-        return "-"
-    variance = sum(p * (1 - p) / counts[c] for c, p in categories.items()) / len(categories) ** 2
-    return f"{variance ** 0.5:.3f}"
 
 
 def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:

@@ -403,17 +403,28 @@ def _detect_or_reason(images, prompt_id: str) -> tuple[Detection | None, str]:
         return None, f"unreadable image: {err}"
 
 
+def overall_standard_error(categories: dict[str, float], counts: dict[str, int]) -> float:
+    """The binomial standard error of the overall score (the mean of the category scores), from the
+    prompts per category: about how far another sampler seed moves it (docs/LOG.md, twelfth session)."""
+    if not categories:
+        return 0.0
+    variance = sum(p * (1 - p) / counts[c] for c, p in categories.items()) / len(categories) ** 2
+    return float(variance ** 0.5)
+
+
 def _summarise(task: str, order: tuple[str, ...], rows: list[dict], extra_keys: tuple[str, ...] = ()) -> dict:
     per_category: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         per_category[row["category"]].append(row)
     names = [c for c in order if c in per_category] + sorted(set(per_category) - set(order))
     categories = {c: float(np.mean([r["correct"] for r in per_category[c]])) for c in names}
+    counts = {c: len(per_category[c]) for c in names}
     result = {
         "task": task,
         "overall": float(np.mean(list(categories.values()))),
+        "overall_standard_error": overall_standard_error(categories, counts),
         "categories": categories,
-        "counts": {c: len(per_category[c]) for c in names},
+        "counts": counts,
         "missing": [r["id"] for r in rows if r["detected"] is None],
         "per_prompt": rows,
     }
@@ -475,7 +486,8 @@ def format_table(result: dict) -> str:
         lines.append(f"{name:<16}{result['counts'][name]:>5}{score:>8.2f}"
                      + "".join(f"{result[k][name]:>13.2f}" for k in extra))
     lines.append("-" * len(header))
-    lines.append(f"{'overall':<16}{sum(result['counts'].values()):>5}{result['overall']:>8.2f}")
+    lines.append(f"{'overall':<16}{sum(result['counts'].values()):>5}{result['overall']:>8.2f}"
+                 f"  (standard error {result['overall_standard_error']:.2f})")
     if result["missing"]:
         lines.append(f"{len(result['missing'])} image(s) missing or unreadable (scored 0), e.g. {result['missing'][0]}")
     return "\n".join(lines)
