@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 from lit_star.models import base_vlm
@@ -109,31 +108,6 @@ def test_image_token_cells_count_rows_then_columns_within_each_image(processor, 
     assert columns.tolist() == [k % 4 for k in range(16)] * 2
     with pytest.raises(ValueError, match="found 16 image tokens for a 2 x 2 token grid"):
         base_vlm.image_token_cells(inputs["input_ids"], torch.tensor([[1, 4, 4], [1, 4, 4]]), image_token, merge=2)
-
-
-def test_position_loss_reads_each_image_tokens_cell_from_the_chosen_layer(processor, tmp_path):
-    processor.tokenizer.save_pretrained(tmp_path)
-    processor.image_processor.save_pretrained(tmp_path)
-    module = BaseVLMModule(processor_dir=str(tmp_path), flavour="micro", position_loss_weight=0.5, position_loss_layer=2)
-    module.configure_model()
-    images = torch.from_numpy(np.stack(_images(2))).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    part = {"question": ["How many circles?", "What colour is the square?"], "answer": ["two", "red"], "image": images}
-    inputs = module._encode("vqa", part)
-    _, _, position_loss = module._answer_losses(dict(inputs), position_loss=True)
-
-    # By hand: the head on the second layer's image-token states, against divmod of the token index.
-    plain = {k: v for k, v in inputs.items() if k != "labels"}
-    hidden = module.model(**plain, output_hidden_states=True).hidden_states[2]
-    logits = module.position_head(hidden[plain["input_ids"] == module.model.config.image_token_id])
-    index = torch.arange(16).repeat(2)
-    expected = F.cross_entropy(logits[:, :4], index // 4) + F.cross_entropy(logits[:, 4:], index % 4)
-    torch.testing.assert_close(position_loss, expected)
-    position_loss.backward()
-    assert module.position_head.weight.grad.abs().sum() > 0
-    assert "position_head.weight" not in module.model.state_dict()  # never exported
-
-    with pytest.raises(ValueError, match="position_loss_layer must name a decoder layer, 1..2, got 3"):
-        BaseVLMModule(processor_dir=str(tmp_path), flavour="micro", position_loss_weight=0.5, position_loss_layer=3)
 
 
 def test_labels_cover_only_answer_and_end_of_turn(processor):
@@ -265,7 +239,6 @@ def test_stage0_recipe_trains_validates_and_exports_a_loadable_base(small_world,
         "--model.init_args.processor_fit_batches", "3", "--model.init_args.max_new_tokens", "3",
         "--model.init_args.warmup_steps", "1", *shards,
         "--model.init_args.flavour_overrides", "{vision_hidden_size: 48}", "--model.init_args.vision_lr_scale", "4",
-        "--model.init_args.position_loss_weight", "0.5",
         "--data.init_args.components.vqa.init_args.num_workers", "0",
         "--data.init_args.components.knowledge.init_args.num_workers", "0",
         "--data.init_args.components.vqa.init_args.val_batch_size", "4",
@@ -292,7 +265,7 @@ def test_stage0_recipe_trains_validates_and_exports_a_loadable_base(small_world,
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     scalars = EventAccumulator(str(events[0])).Reload().Tags()["scalars"]
-    for tag in ("train/loss", "train/position_loss", "val/vqa_accuracy", "val/riddle_accuracy", "val/vqa_exact_match"):
+    for tag in ("train/loss", "val/vqa_accuracy", "val/riddle_accuracy", "val/vqa_exact_match"):
         assert tag in scalars, tag
 
 

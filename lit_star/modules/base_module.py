@@ -36,7 +36,6 @@ from lit_star.models.base_vlm import (
     build_tiny_base_vlm,
     encode_chat,
     generate_answers,
-    image_token_cells,
     images_to_uint8,
     load_processor,
     pixel_statistics,
@@ -134,13 +133,6 @@ class BaseVLMModule(LightningModule):
             over all answer tokens of the batch. With ``"token"`` the descriptions' mostly predictable
             wording made up ~80% of the loss, and the tiny model learned the text prior while its vision
             tower collapsed to a constant output (colour questions at chance after 900 steps).
-        position_loss_weight: weight of an auxiliary loss, on VQA batches, that asks every image token
-            to tell its own grid row and column through a linear head after decoder layer
-            ``position_loss_layer``. The vision tower cannot give an object its place (relative
-            rotary attention, patches that do not overlap), and the LLM adds the row of an object's
-            token but hardly its column (``eval grid-probe``, docs/LOG.md eleventh session). The head
-            is not part of the exported model; 0 (the default) leaves training as it was.
-        position_loss_layer: hidden state the head reads, 1 = after the first decoder layer.
     """
 
     def __init__(
@@ -159,25 +151,12 @@ class BaseVLMModule(LightningModule):
         vision_lr_scale: float = 1.0,
         max_new_tokens: int = 32,
         loss_normalization: str = "sample",
-        position_loss_weight: float = 0.0,
-        position_loss_layer: int = 1,
     ) -> None:
         super().__init__()
         if loss_normalization not in ("sample", "token"):
             raise ValueError(f"loss_normalization must be 'sample' or 'token', got {loss_normalization!r}")
         self.save_hyperparameters()
         self.spec = tiny_spec(flavour, flavour_overrides)
-        if position_loss_weight < 0:
-            raise ValueError(f"position_loss_weight must be >= 0, got {position_loss_weight}")
-        if not 1 <= position_loss_layer <= self.spec.num_hidden_layers:
-            raise ValueError(
-                f"position_loss_layer must name a decoder layer, 1..{self.spec.num_hidden_layers}, got {position_loss_layer}"
-            )
-        self.position_head: nn.Linear | None = None
-        if position_loss_weight > 0:
-            grid_side = self.spec.image_size // (self.spec.patch_size * self.spec.spatial_merge_size)
-            # Row logits, then column logits.
-            self.position_head = nn.Linear(self.spec.hidden_size, 2 * grid_side)
         self.model: Qwen2_5_VLForConditionalGeneration | None = None
         self.processor: Qwen2_5_VLImageTextProcessor | None = None
         self.val_loss = MeanMetric()
@@ -253,14 +232,10 @@ class BaseVLMModule(LightningModule):
             inputs = encode_chat(self.processor, list(part["prompt"]), None, answers)
         return {k: v.to(self.device) for k, v in inputs.items()}
 
-    def _answer_losses(
-        self, inputs: dict[str, torch.Tensor], position_loss: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Per-sample mean cross-entropy over answer tokens, each sample's answer-token count and, with
-        ``position_loss``, the image tokens' grid-position loss (see ``position_loss_weight``)."""
+    def _answer_losses(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample mean cross-entropy over answer tokens, and each sample's answer-token count."""
         labels = inputs.pop("labels")
-        output = self.model(**inputs, output_hidden_states=position_loss)
-        logits = output.logits
+        logits = self.model(**inputs).logits
         targets = labels[:, 1:]
         token_losses = F.cross_entropy(
             logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
@@ -268,43 +243,26 @@ class BaseVLMModule(LightningModule):
         counts = (targets != IGNORE_INDEX).sum(dim=1)
         if (counts == 0).any():
             raise ValueError("a sample has no answer tokens (empty answer?)")
-        position = self._position_loss(inputs, output.hidden_states) if position_loss else None
-        return token_losses.sum(dim=1) / counts, counts, position
-
-    def _position_loss(self, inputs: dict[str, torch.Tensor], hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        image_token = self.model.config.image_token_id
-        rows, columns = image_token_cells(
-            inputs["input_ids"], inputs["image_grid_thw"], image_token, self.spec.spatial_merge_size
-        )
-        hidden = hidden_states[self.hparams.position_loss_layer][inputs["input_ids"] == image_token]
-        logits = self.position_head(hidden.float())
-        side = logits.shape[1] // 2
-        return F.cross_entropy(logits[:, :side], rows) + F.cross_entropy(logits[:, side:], columns)
+        return token_losses.sum(dim=1) / counts, counts
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        sample_losses, counts, position_losses = [], [], []
+        sample_losses, counts = [], []
         for kind, part in task_batches(batch):
-            with_position = kind == "vqa" and self.position_head is not None
-            losses, n_tokens, position_loss = self._answer_losses(self._encode(kind, part), with_position)
+            losses, n_tokens = self._answer_losses(self._encode(kind, part))
             self.log(f"train/loss_{kind}", losses.mean(), batch_size=len(losses))
             sample_losses.append(losses)
             counts.append(n_tokens)
-            if position_loss is not None:
-                self.log("train/position_loss", position_loss, batch_size=len(losses))
-                position_losses.append(position_loss)
         losses, n_tokens = torch.cat(sample_losses), torch.cat(counts)
         if self.hparams.loss_normalization == "sample":
             loss = losses.mean()
         else:
             loss = (losses * n_tokens).sum() / n_tokens.sum()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(losses))
-        if position_losses:
-            loss = loss + self.hparams.position_loss_weight * torch.stack(position_losses).mean()
         return loss
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         for kind, part in task_batches(batch):
-            losses, _, _ = self._answer_losses(self._encode(kind, part))
+            losses, _ = self._answer_losses(self._encode(kind, part))
             self.val_loss.update(losses)
             questions = list(part["question"] if kind == "vqa" else part["prompt"])
             images = images_to_uint8(part["image"]) if kind == "vqa" else None
@@ -342,8 +300,7 @@ class BaseVLMModule(LightningModule):
 
     def configure_optimizers(self):
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        # The model's parameters, plus the position head when there is one.
-        for name, param in self.named_parameters():
+        for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
             # Norm gains, biases and embedding rows are not shrunk towards zero.
