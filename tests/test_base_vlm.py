@@ -99,17 +99,6 @@ def test_micro_forward_with_patch_merging(processor, micro_model):
     assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
 
 
-def test_image_token_cells_count_rows_then_columns_within_each_image(processor, tokenizer):
-    inputs = encode_chat(processor, ["How many circles?", "What colour is the square?"], _images(2))
-    image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    rows, columns = base_vlm.image_token_cells(inputs["input_ids"], inputs["image_grid_thw"], image_token, merge=2)
-    # micro: 8 x 8 patches merged 2 x 2 into a 4 x 4 token grid per image.
-    assert rows.tolist() == [k // 4 for k in range(16)] * 2
-    assert columns.tolist() == [k % 4 for k in range(16)] * 2
-    with pytest.raises(ValueError, match="found 16 image tokens for a 2 x 2 token grid"):
-        base_vlm.image_token_cells(inputs["input_ids"], torch.tensor([[1, 4, 4], [1, 4, 4]]), image_token, merge=2)
-
-
 def test_labels_cover_only_answer_and_end_of_turn(processor):
     tok = processor.tokenizer
     answers = ["two", "a red circle above a blue square"]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from lit_star.data.shapes import random_scene
 from lit_star.data.shapes_world import object_center, render_scene
-from lit_star.models.base_vlm import encode_chat, image_token_cells, load_base_vlm, load_processor
+from lit_star.models.base_vlm import encode_chat, load_base_vlm, load_processor
 
 PROBE_QUESTION = "Describe the image."
 TRAIN_FRACTION = 0.7
@@ -58,6 +58,13 @@ def linear_probe_accuracy(features: torch.Tensor, labels: torch.Tensor, train: t
     return float((predicted == labels[~train]).double().mean())
 
 
+def _token_grid(image_grid_thw: torch.Tensor, merge: int) -> tuple[int, int]:
+    t, h, w = (int(v) for v in image_grid_thw)
+    if t != 1:
+        raise ValueError(f"the probe reads still images, got a temporal grid of {t}")
+    return h // merge, w // merge
+
+
 @torch.no_grad()
 def collect_image_token_states(model, processor, scenes, resolution: int = 64, batch_size: int = 50):
     """Hidden states of every image token, with the token's grid (row, column) and whether an object's
@@ -71,17 +78,15 @@ def collect_image_token_states(model, processor, scenes, resolution: int = 64, b
         inputs = encode_chat(processor, [PROBE_QUESTION] * len(batch), images)
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
         hidden = torch.stack(model(**inputs, output_hidden_states=True).hidden_states).float().cpu()
-        token_rows, token_columns = image_token_cells(inputs["input_ids"], inputs["image_grid_thw"], image_token, merge)
-        first = 0
         for b, scene in enumerate(batch):
+            grid_h, grid_w = _token_grid(inputs["image_grid_thw"][b], merge)
             positions = (inputs["input_ids"][b] == image_token).nonzero().flatten().cpu()
-            cells = list(zip(token_rows[first:first + len(positions)].tolist(),
-                             token_columns[first:first + len(positions)].tolist()))
-            first += len(positions)
-            grid_h, grid_w = cells[-1][0] + 1, cells[-1][1] + 1
+            if len(positions) != grid_h * grid_w:
+                raise ValueError(f"found {len(positions)} image tokens for a {grid_h} x {grid_w} token grid")
             centres = {(int(y * grid_h / resolution), int(x * grid_w / resolution))
                        for x, y in (object_center(o, resolution) for o in scene.objects)}
-            for position, (row, column) in zip(positions.tolist(), cells):
+            for k, position in enumerate(positions.tolist()):
+                row, column = divmod(k, grid_w)
                 states.append(hidden[:, b, position])
                 rows.append(row)
                 columns.append(column)

@@ -286,24 +286,6 @@ def images_to_uint8(images: torch.Tensor) -> list[np.ndarray]:
     return list(pixels.permute(0, 2, 3, 1).numpy())
 
 
-def image_token_cells(input_ids: torch.Tensor, image_grid_thw: torch.Tensor, image_token_id: int,
-                      merge: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid row and column of every image token of a batch, in the order ``input_ids == image_token_id``
-    selects them (row by row, one image after another, as Qwen2.5-VL lays out still images)."""
-    rows, columns = [], []
-    for b, counted in enumerate((input_ids == image_token_id).sum(dim=1).tolist()):
-        t, h, w = (int(v) for v in image_grid_thw[b])
-        if t != 1:
-            raise ValueError(f"image {b} has a temporal grid of {t}; only still images have one cell per token")
-        grid_h, grid_w = h // merge, w // merge
-        if counted != grid_h * grid_w:
-            raise ValueError(f"image {b}: found {counted} image tokens for a {grid_h} x {grid_w} token grid")
-        index = torch.arange(counted, device=input_ids.device)
-        rows.append(index // grid_w)
-        columns.append(index % grid_w)
-    return torch.cat(rows), torch.cat(columns)
-
-
 def chat_prompts(tokenizer, questions: list[str], with_image: bool) -> list[str]:
     """Each question as a one-turn user conversation, rendered up to the open assistant turn."""
     prompts = []
