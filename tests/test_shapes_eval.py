@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFilter
 
-from lit_star.data.shapes import WorldConfig, generate_world, seen_combination_prompts
+from lit_star.data.shapes import (
+    RIDDLE_CATEGORIES, WorldConfig, generate_world, seen_combination_prompts, seen_combination_riddles,
+)
 from lit_star.data.shapes_world import HELD_OUT_COMBOS, Scene, WorldObject, relations_between, render_scene
 from lit_star.eval import shapes_eval
 from lit_star.eval.shapes_eval import detect_objects, load_prompts, score_edits, score_geneval
@@ -198,3 +200,16 @@ def test_seen_combination_control_set_uses_training_pairs_and_scores_its_scenes(
     assert score_geneval(records, images)["overall"] == 1.0
     wrong = {i: render_scene(Scene(r["background"], ()), 64) for i, r in zip(images, records)}
     assert score_geneval(records, wrong)["overall"] == 0.0
+
+
+def test_seen_pair_riddles_answer_with_training_pairs_and_never_name_them():
+    records = seen_combination_riddles(per_category=10)
+    assert records == seen_combination_riddles(per_category=10), "the riddle control set must be deterministic"
+    assert [r["category"] for r in records] == [c for c in RIDDLE_CATEGORIES for _ in range(10)]
+    pairs = {(req["color"], req["shape"]) for r in records for req in r["include"] if "color" in req}
+    assert pairs and not pairs & set(HELD_OUT_COMBOS)
+    # The riddle is what the stack is asked to draw without reasoning; the caption is the base's target.
+    assert all(r["prompt"] != r["caption"] and r["caption"] not in r["prompt"] for r in records)
+    assert all(color not in r["prompt"].split() for r in records for color, _ in pairs)
+    images = {r["id"]: render_scene(Scene.from_meta(r), 64) for r in records}
+    assert score_geneval(records, images)["overall"] == 1.0

@@ -381,11 +381,17 @@ def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
         if "knowledge_without_reasoning" in shapes:
             sets["riddles, no reasoning"] = shapes["knowledge_without_reasoning"]
             sets["riddles, reasoning"] = shapes["knowledge_with_reasoning"]
+        if "knowledge_seen_without_reasoning" in shapes:
+            sets["seen-pair riddles, no reasoning"] = shapes["knowledge_seen_without_reasoning"]
+            sets["seen-pair riddles, reasoning"] = shapes["knowledge_seen_with_reasoning"]
         if "edit" in shapes:
             sets["edits"] = shapes["edit"]
         lines += _score_table(sets)
         if "riddle_answer_accuracy" in shapes:
             lines += ["", f"The base answered {shapes['riddle_answer_accuracy']:.3f} of the riddles with the right caption."]
+        if "seen_riddle_answer_accuracy" in shapes:
+            lines += ["", f"The base answered {shapes['seen_riddle_answer_accuracy']:.3f} of the seen-pair riddles "
+                          "with the right caption."]
         lines += ["", "## Sample grids", ""]
         for grid in shapes.get("grids", []):
             relative = os.path.relpath(grid, run_dir)

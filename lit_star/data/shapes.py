@@ -414,6 +414,13 @@ def _prompt_record(prompt_id: str, prompt: Prompt, res: int) -> dict:
     return record
 
 
+def _riddle_record(rng: random.Random, prompt_id: str, prompt: Prompt, res: int) -> dict:
+    """The prompt's record with its riddle as the prompt and its caption as the expected answer."""
+    record = _prompt_record(prompt_id, prompt, res)
+    record["caption"], record["prompt"] = prompt.caption, riddle_for(rng, prompt)
+    return record
+
+
 def seen_combination_prompts(per_category: int, seed: int = 0, resolution: int = 64) -> list[dict]:
     """GenEval-style prompt records drawn like the training captions (no held-out colour/shape pair).
 
@@ -424,6 +431,22 @@ def seen_combination_prompts(per_category: int, seed: int = 0, resolution: int =
     return [_prompt_record(f"seen_{prompt_id}", prompt, resolution)
             for prompt_id, prompt in _eval_prompts(rng, GENEVAL_CATEGORIES, per_category, resolution,
                                                    lambda c: c not in ("single_object", "colors"), held_out=False)]
+
+
+def seen_combination_riddles(per_category: int, seed: int = 0, resolution: int = 64) -> list[dict]:
+    """Knowledge riddle records whose answers name only colour/shape pairs seen in training.
+
+    The world's riddle set answers with held-out pairs, so a stack that cannot compose scores near zero
+    with or without reasoning. On these the drawing is within reach, and the gap between drawing the
+    riddle and drawing the base's answer measures implicit reasoning alone. Their texts come from the
+    same hint vocabulary as the training riddles and may repeat one.
+    """
+    rng = random.Random(f"shapes:{seed}:eval:knowledge_seen")
+    records = []
+    for prompt_id, prompt in _eval_prompts(rng, RIDDLE_CATEGORIES, per_category, resolution,
+                                           lambda c: c != "single_object", held_out=False):
+        records.append(_riddle_record(rng, f"knowledge_seen_{prompt_id}", prompt, resolution))
+    return records
 
 
 def write_eval_sets(out: Path, cfg: WorldConfig, bar) -> dict:
@@ -462,11 +485,9 @@ def write_eval_sets(out: Path, cfg: WorldConfig, bar) -> dict:
                                            lambda c: c != "single_object"):
         if len(knowledge) == cfg.knowledge_eval_size:
             break
-        prompt_id = f"knowledge_{prompt_id}"
-        record = _prompt_record(prompt_id, prompt, res)
-        record["caption"], record["prompt"] = prompt.caption, riddle_for(rng, prompt)
+        record = _riddle_record(rng, f"knowledge_{prompt_id}", prompt, res)
         knowledge.append(record)
-        render_scene(prompt.scene, res).save(folder / "knowledge_gt" / f"{prompt_id}.png")
+        render_scene(prompt.scene, res).save(folder / "knowledge_gt" / f"{record['id']}.png")
         bar.update(1)
     _write_jsonl(folder / "knowledge.jsonl", knowledge)
     return {

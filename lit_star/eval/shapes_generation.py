@@ -4,13 +4,17 @@
         --world runs/shapes_world --out runs/shapes/eval --cfg 3 --topk 64 --topp 1.0
 
 Writes under ``--out``: one folder of images per set (``geneval/``, ``knowledge_plain/``,
-``knowledge_reasoning/``, ``edit/`` with ``--edits``, and with ``--seen-combinations N`` the control set
-``geneval_seen/``: N prompts per category whose colour/shape pairs occur in training), each with its
+``knowledge_reasoning/``, ``edit/`` with ``--edits``, with ``--seen-combinations N`` the control set
+``geneval_seen/``: N prompts per category whose colour/shape pairs occur in training, and with
+``--seen-riddles N`` the riddle control sets ``knowledge_seen_plain/`` and ``knowledge_seen_reasoning/``:
+N riddles per category whose answers name seen pairs), each with its
 ``generations.jsonl``; an image grid per set and category (``grids/<set>_<category>.png``); and
 ``results.json`` with the scores, the sampler settings and the base's riddle answers.
 
 The knowledge riddles are scored twice with the same seeds: drawn from the riddle text directly,
 and with implicit reasoning (the frozen base answers the riddle first and the stack draws its answer).
+Their answers name held-out pairs, so a stack that does not compose scores near zero either way; the
+seen-pair riddles show what reasoning buys when the drawing itself is within the stack's reach.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lit_star.commands.generate import assign_ids_and_seeds, write_generations
-from lit_star.data.shapes import seen_combination_prompts
+from lit_star.data.shapes import seen_combination_prompts, seen_combination_riddles
 from lit_star.eval.shapes_eval import format_table, load_prompts, score_edits, score_geneval
 from lit_star.sampling.decoding import DecodeOptions
 from lit_star.sampling.filtering import SamplerConfig
@@ -119,18 +123,22 @@ def evaluate_on_shapes(
     knowledge: bool = True,
     per_category: int | None = None,
     seen_combinations: int = 0,
+    seen_riddles: int = 0,
     geneval: bool = True,
     log=print,
 ) -> dict:
     """Generate and score the world's eval sets; returns (and writes) ``results.json``'s content.
 
     ``seen_combinations`` > 0 adds that many control prompts per category whose colour/shape pairs
-    occur in training (:func:`lit_star.data.shapes.seen_combination_prompts`). ``geneval=False`` skips
+    occur in training (:func:`lit_star.data.shapes.seen_combination_prompts`); ``seen_riddles`` > 0 that many
+    riddles per category answered by seen pairs (:func:`lit_star.data.shapes.seen_combination_riddles`),
+    with and without reasoning. ``geneval=False`` skips
     the GenEval-style set, so two processes can share the sets (decoding one code at a time, a CPU
     process gains nothing from a second thread; a second process does).
     """
-    if not (geneval or seen_combinations or knowledge or edits):
-        raise ValueError("evaluate_on_shapes: no set selected (geneval, seen_combinations, knowledge and edits all off)")
+    if not (geneval or seen_combinations or knowledge or seen_riddles or edits):
+        raise ValueError("evaluate_on_shapes: no set selected "
+                         "(geneval, seen_combinations, knowledge, seen_riddles and edits all off)")
     eval_dir, out = Path(world) / "eval", Path(out)
     if not eval_dir.is_dir():
         raise FileNotFoundError(f"{eval_dir} does not exist: generate the world first (python -m lit_star data shapes)")
@@ -151,20 +159,28 @@ def evaluate_on_shapes(
         grids += write_category_grids(records, out / "geneval_seen", out / "grids", "geneval_seen")
         log("GenEval-style, seen colour/shape pairs (control):\n" + format_table(results["geneval_seen_combinations"]))
 
-    if knowledge:
-        records = limit_per_category(load_prompts(eval_dir / "knowledge.jsonl"), per_category)
-        _, results["knowledge_without_reasoning"] = _generate_and_score(
-            star, records, out / "knowledge_plain", sampler, options, batch_size, seed, False)
-        rows, results["knowledge_with_reasoning"] = _generate_and_score(
-            star, records, out / "knowledge_reasoning", sampler, options, batch_size, seed, True)
+    def riddles(records: list[dict], name: str, answers_prefix: str, title: str) -> None:
+        """Draw ``records`` from the riddle text and, with implicit reasoning, from the base's answer."""
+        _, results[f"{name}_without_reasoning"] = _generate_and_score(
+            star, records, out / f"{name}_plain", sampler, options, batch_size, seed, False)
+        rows, results[f"{name}_with_reasoning"] = _generate_and_score(
+            star, records, out / f"{name}_reasoning", sampler, options, batch_size, seed, True)
         answers = {row["id"]: row["answer"] for row in rows}
         correct = [answers[r["id"]].strip() == r["caption"] for r in records]
-        results["riddle_answer_accuracy"] = sum(correct) / len(correct)
-        results["riddle_answers"] = answers
-        grids += write_category_grids(records, out / "knowledge_plain", out / "grids", "knowledge_plain")
-        grids += write_category_grids(records, out / "knowledge_reasoning", out / "grids", "knowledge_reasoning")
-        log("Knowledge riddles without reasoning:\n" + format_table(results["knowledge_without_reasoning"]))
-        log("Knowledge riddles with reasoning:\n" + format_table(results["knowledge_with_reasoning"]))
+        results[f"{answers_prefix}_answer_accuracy"] = sum(correct) / len(correct)
+        results[f"{answers_prefix}_answers"] = answers
+        for mode in ("plain", "reasoning"):
+            grids.extend(write_category_grids(records, out / f"{name}_{mode}", out / "grids", f"{name}_{mode}"))
+        log(f"{title} without reasoning:\n" + format_table(results[f"{name}_without_reasoning"]))
+        log(f"{title} with reasoning:\n" + format_table(results[f"{name}_with_reasoning"]))
+
+    if knowledge:
+        riddles(limit_per_category(load_prompts(eval_dir / "knowledge.jsonl"), per_category), "knowledge", "riddle",
+                "Knowledge riddles")
+
+    if seen_riddles:
+        riddles(seen_combination_riddles(seen_riddles, resolution=star.image_size), "knowledge_seen",
+                "seen_riddle", "Knowledge riddles on seen colour/shape pairs (control)")
 
     if edits:
         records = limit_per_category(load_prompts(eval_dir / "edit.jsonl"), per_category)
@@ -198,11 +214,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--per-category", type=int, help="only the first N prompts of each category (smoke runs)")
     parser.add_argument("--seen-combinations", type=int, default=0, metavar="N",
                         help="also score N control prompts per category built from colour/shape pairs seen in training")
+    parser.add_argument("--seen-riddles", type=int, default=0, metavar="N",
+                        help="also score N riddles per category whose answers name seen pairs, with and without reasoning")
     args = parser.parse_args(argv)
     star = load_from_args(args)
     evaluate_on_shapes(
         star, args.world, args.out, sampler_from_args(args), decode_options_from_args(args), args.batch_size, args.seed,
         edits=args.edits, knowledge=not args.no_knowledge, per_category=args.per_category,
-        seen_combinations=args.seen_combinations, geneval=not args.no_geneval,
+        seen_combinations=args.seen_combinations, seen_riddles=args.seen_riddles, geneval=not args.no_geneval,
     )
     return 0
