@@ -130,11 +130,11 @@ def evaluate_on_shapes(
     """Generate and score the world's eval sets; returns (and writes) ``results.json``'s content.
 
     ``seen_combinations`` > 0 adds that many control prompts per category whose colour/shape pairs
-    occur in training (:func:`lit_star.data.shapes.seen_combination_prompts`); ``seen_riddles`` > 0 that many
-    riddles per category answered by seen pairs (:func:`lit_star.data.shapes.seen_combination_riddles`),
-    with and without reasoning. ``geneval=False`` skips
-    the GenEval-style set, so two processes can share the sets (decoding one code at a time, a CPU
-    process gains nothing from a second thread; a second process does).
+    occur in training (:func:`lit_star.data.shapes.seen_combination_prompts`); ``seen_riddles`` > 0
+    that many riddles per category answered by seen pairs
+    (:func:`lit_star.data.shapes.seen_combination_riddles`), with and without reasoning.
+    ``geneval=False`` skips the GenEval-style set, so two processes can share the sets (decoding one
+    code at a time, a CPU process gains nothing from a second thread; a second process does).
     """
     if not (geneval or seen_combinations or knowledge or seen_riddles or edits):
         raise ValueError("evaluate_on_shapes: no set selected "
