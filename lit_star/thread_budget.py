@@ -4,8 +4,10 @@ The curriculum (``python -m lit_star curriculum ...``) starts each step with ``O
 the threads the step asked for. When a step that ran beside it ends and nothing else is ready to use
 the freed cores, the scheduler writes a larger count into the file named by ``LIT_STAR_THREADS_FILE``;
 a training run follows it through :class:`lit_star.training.ThreadBudget` (``torch.set_num_threads``),
-and shrinks back when the scheduler takes the threads away for a new step. This module has no heavy
-imports, so the scheduler can use it.
+and shrinks back when the scheduler takes the threads away for a new step. A step that must stay
+bit-identical from run to run names, in ``LIT_STAR_GROW_AT_STEP``, the training step at which it takes
+the granted threads (waiting there for them); before it, and after, its count does not change. This
+module has no heavy imports, so the scheduler can use it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 from pathlib import Path
 
 THREADS_FILE_ENV = "LIT_STAR_THREADS_FILE"
+GROW_AT_STEP_ENV = "LIT_STAR_GROW_AT_STEP"
 
 
 def write_thread_budget(path: str | Path, threads: int) -> None:

@@ -18,6 +18,7 @@ What every run gets without asking:
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 import torch
 
 from lit_star.data.health import DataHealthMonitor
-from lit_star.thread_budget import THREADS_FILE_ENV, read_thread_budget
+from lit_star.thread_budget import GROW_AT_STEP_ENV, THREADS_FILE_ENV, read_thread_budget
 
 DEFAULT_RUN_DIR = "runs/default"
 
@@ -78,11 +79,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class ThreadBudget(Callback):
     """Follows the CPU thread budget in the file named by ``LIT_STAR_THREADS_FILE`` (see
     :mod:`lit_star.thread_budget`): before each training and validation batch, when the file has
-    changed, ``torch.set_num_threads`` takes its value. Without the variable it does nothing."""
+    changed, ``torch.set_num_threads`` takes its value. Without the variable it does nothing.
 
-    def __init__(self, path: str | None = None) -> None:
+    With ``grow_at_step`` (``LIT_STAR_GROW_AT_STEP``) the count changes exactly once, at that training step:
+    the run keeps its starting threads before it, waits there until the budget offers more, and keeps
+    those to its end. A step's float sums then depend on the step alone, never on when a neighbour ended.
+    """
+
+    def __init__(self, path: str | None = None, grow_at_step: int | None = None, poll_seconds: float = 0.5) -> None:
         self.path = path or os.environ.get(THREADS_FILE_ENV)
+        if grow_at_step is None and os.environ.get(GROW_AT_STEP_ENV):
+            grow_at_step = int(os.environ[GROW_AT_STEP_ENV])
+        self.grow_at_step = grow_at_step
+        self.poll_seconds = poll_seconds
         self._seen_version: tuple[int, int] | None = None
+        self._grown = False
 
     def _follow(self) -> None:
         if not self.path:
@@ -100,12 +111,30 @@ class ThreadBudget(Callback):
         if threads is not None and threads != torch.get_num_threads():
             torch.set_num_threads(threads)
 
+    def _grow_once(self, step: int) -> None:
+        if self._grown or step < self.grow_at_step or not self.path:
+            return
+        start, before = time.monotonic(), torch.get_num_threads()
+        print(f"[threads] step {step}: waiting for more than {before} thread(s) (grow_at_step {self.grow_at_step})",
+              flush=True)
+        while (granted := read_thread_budget(self.path) or 0) <= before:
+            time.sleep(self.poll_seconds)
+        torch.set_num_threads(granted)
+        self._grown = True
+        print(f"[threads] step {step}: {granted} thread(s) after {time.monotonic() - start:.1f} s", flush=True)
+
+    def _on_batch(self, trainer: Trainer) -> None:
+        if self.grow_at_step is None:
+            self._follow()
+        else:
+            self._grow_once(trainer.global_step)
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._follow()
+        self._on_batch(trainer)
 
     def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
                                   dataloader_idx: int = 0) -> None:
-        self._follow()
+        self._on_batch(trainer)
 
 
 class StarCLI(LightningCLI):

@@ -34,11 +34,13 @@ def test_curriculum_config_resolves_and_names_missing_keys(tmp_path):
         load_curriculum([str(broken)])
 
 
-def test_main_curriculum_keeps_each_training_step_on_the_threads_it_starts_with():
+def test_main_curriculum_changes_a_training_step_threads_only_at_a_fixed_step():
     # A step that grows mid-run changes its float sums at a wall-clock step, so two runs of the README's
     # main job would train different VQs and report different scores (docs/LOG.md, twelfth session).
     config = load_curriculum([RECIPES[0]])
     assert not [name for name, step in config.steps.items() if step.get("grow", False)]
+    assert {name: step.grow_at_step for name, step in config.steps.items() if "grow_at_step" in step} == {
+        "stage1_vq": 625}
 
 
 # Stands in for `python -m lit_star ...`: waits, watching its thread budget file, then records when it
@@ -56,18 +58,19 @@ print("fake step ran", flush=True)
 if seconds < 0:
     sys.exit(3)
 open(output, "w").write(json.dumps({"start": start, "end": time.time(), "threads": os.environ["OMP_NUM_THREADS"],
-                                    "budgets": sorted(budgets)}))
+                                    "budgets": sorted(budgets), "grow_at_step": os.environ.get("LIT_STAR_GROW_AT_STEP")}))
 """
 
 
-def _fake_curriculum(tmp_path, b_seconds: float = 1.0, c_seconds: float = 1.0):
+def _fake_curriculum(tmp_path, b_seconds: float = 1.0, c_seconds: float = 1.0, c_grows: dict | None = None):
     (tmp_path / "fake_step.py").write_text(FAKE_STEP)
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     steps = {
         "a": dict(argv=["0.1", f"{out}/a"], output=f"{out}/a"),
         "b": dict(after=["a"], threads=1, argv=[str(b_seconds), f"{out}/b"], output=f"{out}/b"),
-        "c": dict(after=["a"], threads=1, grow=True, argv=[str(c_seconds), f"{out}/c"], output=f"{out}/c"),
+        "c": dict(after=["a"], threads=1, **(c_grows or {"grow": True}), argv=[str(c_seconds), f"{out}/c"],
+                  output=f"{out}/c"),
         "d": dict(argv=["0.1", f"{out}/d"], output=f"{out}/d"),  # no `after`: waits for c, the step before it
     }
     config = OmegaConf.create({"run_dir": str(tmp_path / "run"), "threads": 2, "steps": steps})
@@ -119,6 +122,41 @@ def test_spare_threads_go_back_when_a_new_step_starts(tmp_path):
     assert not (tmp_path / "other").exists(), "a step that does not grow keeps the budget it started with"
 
 
+def test_a_step_that_grows_at_a_fixed_step_is_told_the_step_and_keeps_what_it_was_granted(tmp_path):
+    config, command, out = _fake_curriculum(tmp_path, b_seconds=0.3, c_seconds=1.5, c_grows={"grow_at_step": 7})
+    timings = run_curriculum(config, log=lambda *_: None, command=command)
+    ran = {name: json.loads((out / name).read_text()) for name in "abcd"}
+    assert ran["c"]["grow_at_step"] == "7" and ran["b"]["grow_at_step"] is None
+    assert ran["c"]["budgets"] == ["1", "2"] and timings["c"]["grew_at_step"] == 7
+    assert "| c | 2 | 1, 2 from training step 7 |" in write_report(config, timings).read_text()
+
+    steps = {name: {"argv": [], "output": "x", "threads": 1, **({"grow_at_step": 7} if name == "grower" else {})}
+             for name in ("grower", "other")}
+    running = {"grower": _Running(None, 1, 0.0, tmp_path / "g.log", False, None, tmp_path / "grower", 1, 1,
+                                  keeps_grant=True)}
+    _grant_spare_threads(OmegaConf.create({"steps": steps}), running, total_threads=3, log=lambda *_: None)
+    assert (tmp_path / "grower").read_text() == "3\n" and running["grower"].held == 3
+    running["other"] = _Running(None, 1, 0.0, tmp_path / "o.log", False, None, tmp_path / "other", 1, 1)
+    _grant_spare_threads(OmegaConf.create({"steps": steps}), running, total_threads=3, log=lambda *_: None)
+    assert (tmp_path / "grower").read_text() == "3\n", "a grant taken back would change the step's float sums"
+
+
+def test_grow_at_step_is_checked_before_anything_runs(tmp_path):
+    def load(step):
+        path = tmp_path / "c.yaml"
+        OmegaConf.save(OmegaConf.create({"run_dir": str(tmp_path), "threads": 2,
+                                         "steps": {"a": {"argv": [], "output": "x", **step}}}), path)
+        return load_curriculum([str(path)])
+
+    assert load({"threads": 1, "grow_at_step": 0}).steps.a.grow_at_step == 0
+    with pytest.raises(ValueError, match="'a': set grow or grow_at_step, not both"):
+        load({"threads": 1, "grow": True, "grow_at_step": 5})
+    with pytest.raises(ValueError, match="'a': grow_at_step must be a training step"):
+        load({"threads": 1, "grow_at_step": "soon"})
+    with pytest.raises(ValueError, match="asks for all 2; it would wait at step 5 forever"):
+        load({"grow_at_step": 5})
+
+
 def test_a_failed_step_lets_running_steps_finish_and_starts_nothing_after(tmp_path):
     config, command, out = _fake_curriculum(tmp_path, b_seconds=-0.5)
     with pytest.raises(RuntimeError, match=r"(?s)'b' \(exit code 3.*fake step ran"):
@@ -148,6 +186,9 @@ def test_smoke_curriculum_runs_end_to_end_and_resumes(tmp_path):
 
     timings = json.loads((run / "timings.json").read_text())
     assert set(timings) == set(load_curriculum(RECIPES, str(run)).steps)
+    # The smoke recipe moves stage 1's growth to step 1: it waits there for stage 0's core, then takes it.
+    assert timings["stage1_vq"]["grew_at_step"] == 1 and timings["stage1_vq"]["grew_to"] == 2
+    assert "[threads] step 1: 2 thread(s) after" in (run / "logs/stage1_vq.log").read_text()
     before = json.loads((run / "eval/understanding_before.json").read_text())
     after = json.loads((run / "eval/understanding_after.json").read_text())
     assert before["answers"] and before["answers"] == after["answers"], "stage 2 changed the base's answers"

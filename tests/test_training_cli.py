@@ -3,6 +3,8 @@
 import copy
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from lightning.pytorch import Callback
 
 from lit_star.cli import JOB_SUBCOMMANDS, TRAINER_SUBCOMMANDS
 from lit_star.data.health import DataHealthMonitor
-from lit_star.thread_budget import THREADS_FILE_ENV, write_thread_budget
+from lit_star.thread_budget import GROW_AT_STEP_ENV, THREADS_FILE_ENV, write_thread_budget
 from lit_star.training import AtomicCheckpointIO, StarCLI
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +82,39 @@ def test_a_run_follows_the_thread_budget_its_scheduler_writes(layered_recipe, tm
     finally:
         torch.set_num_threads(before)
     assert threads_per_step == [1, 1, 2, 2]
+
+
+def test_a_run_that_grows_at_a_fixed_step_waits_there_for_its_grant_and_keeps_it(layered_recipe, tmp_path,
+                                                                                   monkeypatch):
+    base, _ = layered_recipe
+    budget = tmp_path / "threads"
+    write_thread_budget(budget, 1)
+    monkeypatch.setenv(THREADS_FILE_ENV, str(budget))
+    monkeypatch.setenv(GROW_AT_STEP_ENV, "3")
+    threads_per_step, waited = [], []
+
+    class Scheduler(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            threads_per_step.append(torch.get_num_threads())
+            if trainer.global_step == 1:
+                write_thread_budget(budget, 2)  # granted early: ignored until step 3
+            if trainer.global_step == 2:
+                write_thread_budget(budget, 1)  # taken back: step 3 must wait for it
+                threading.Timer(0.3, write_thread_budget, (budget, 2)).start()
+                waited.append(time.monotonic())
+            if trainer.global_step == 4:  # the batch that started at step 3 waited for the timer
+                waited[0] = time.monotonic() - waited[0]
+                write_thread_budget(budget, 1)  # from then on nothing changes the count again
+
+    before = torch.get_num_threads()
+    try:
+        cli = StarCLI(args=["--config", base, "--trainer.max_steps", "6"], run=False)
+        cli.trainer.callbacks.append(Scheduler())
+        cli.trainer.fit(cli.model, cli.datamodule)
+    finally:
+        torch.set_num_threads(before)
+    assert threads_per_step == [1, 1, 1, 2, 2, 2]
+    assert waited[0] >= 0.3, "step 3 started before its threads were granted"
 
 
 class _CaptureOptimizerAtStart(Callback):

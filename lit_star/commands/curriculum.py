@@ -11,7 +11,10 @@ machine has run side by side. Each step gets ``OMP_NUM_THREADS`` = its threads a
 pseudo-terminal (live progress bars); its output goes to ``<run_dir>/logs/<step>.log``, echoed to the
 console when the step has the machine to itself. A step marked ``grow: true`` (a training run) also
 takes the threads that no ready step needs, e.g. once the step beside it has finished, and gives them
-back when a new step starts (see :mod:`lit_star.thread_budget`).
+back when a new step starts (see :mod:`lit_star.thread_budget`). Its thread count then changes at a step
+set by the wall clock, and with it the last bits of its float sums; a step marked ``grow_at_step: K``
+instead runs on its own threads up to training step K and on the spare ones from step K on, waiting at
+K for them if it must, and keeps them to its end, so reruns stay bit-identical.
 
 A finished step is marked in ``<run_dir>/done/<step>`` and skipped next time, so rerunning the same
 command resumes; a step that was interrupted is rerun, with ``resume_args`` appended when its
@@ -41,7 +44,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lit_star.thread_budget import THREADS_FILE_ENV, write_thread_budget
+from lit_star.thread_budget import GROW_AT_STEP_ENV, THREADS_FILE_ENV, write_thread_budget
 
 
 def load_curriculum(paths: list[str], run_dir: str | None = None) -> DictConfig:
@@ -73,6 +76,16 @@ def load_curriculum(paths: list[str], run_dir: str | None = None) -> DictConfig:
                              f"threads: {total_threads}")
         if not isinstance(step.get("grow", False), bool):
             raise ValueError(f"curriculum step {name!r}: grow must be true or false, got {step.grow!r}")
+        grow_at_step = step.get("grow_at_step")
+        if grow_at_step is not None:
+            if step.get("grow", False):
+                raise ValueError(f"curriculum step {name!r}: set grow or grow_at_step, not both")
+            if isinstance(grow_at_step, bool) or not isinstance(grow_at_step, int) or grow_at_step < 0:
+                raise ValueError(f"curriculum step {name!r}: grow_at_step must be a training step (an integer "
+                                 f">= 0), got {grow_at_step!r}")
+            if int(threads if threads is not None else total_threads) >= total_threads:
+                raise ValueError(f"curriculum step {name!r}: grow_at_step needs spare threads to grow into, but "
+                                 f"the step asks for all {total_threads}; it would wait at step {grow_at_step} forever")
         earlier.append(name)
     OmegaConf.resolve(config)
     return config
@@ -99,16 +112,27 @@ class _Running:
     budget_path: Path
     granted: int  # what it may use now: more than `threads` while it holds spare cores
     most_granted: int
+    keeps_grant: bool = False  # grow_at_step: spare threads, once granted, stay the step's to its end
+
+    @property
+    def held(self) -> int:
+        """The threads no other step may start on."""
+        return self.granted if self.keeps_grant else self.threads
+
+
+def _grows(step) -> bool:
+    return bool(step.get("grow", False)) or step.get("grow_at_step") is not None
 
 
 def _grant_spare_threads(config: DictConfig, running: dict[str, _Running], total_threads: int, log) -> None:
-    """Give the threads that the running steps did not ask for to the first running step (file order)
-    marked ``grow``; every other step gets back to its own count."""
-    spare = total_threads - sum(r.threads for r in running.values())
+    """Give the threads that the running steps do not hold to the first running step (file order) marked
+    ``grow`` or ``grow_at_step``; every other step gets back to its own count, except that a
+    ``grow_at_step`` step keeps what it was granted."""
+    spare = total_threads - sum(r.held for r in running.values())
     for name in [n for n in config.steps if n in running]:
         run = running[name]
-        granted = run.threads
-        if spare and config.steps[name].get("grow", False):
+        granted = run.held
+        if spare > 0 and _grows(config.steps[name]):
             granted, spare = granted + spare, 0
         if granted != run.granted:
             write_thread_budget(run.budget_path, granted)
@@ -217,7 +241,7 @@ def run_curriculum(config: DictConfig, only: list[str] | None = None, log=_print
     failures: list[str] = []
     last_status = time.time()
     while pending or running:
-        free = total_threads - sum(r.threads for r in running.values())
+        free = total_threads - sum(r.held for r in running.values())
         # File order is priority: a ready step that does not fit blocks the later ones, so a long step
         # is never starved by short ones behind it.
         for name in list(pending) if not failures else []:
@@ -236,9 +260,12 @@ def run_curriculum(config: DictConfig, only: list[str] | None = None, log=_print
             budget_path = run_dir / "threads" / name
             write_thread_budget(budget_path, threads)
             env = {**base_env, "OMP_NUM_THREADS": str(threads), THREADS_FILE_ENV: str(budget_path.resolve())}
+            grow_at_step = step.get("grow_at_step")
+            if grow_at_step is not None:
+                env[GROW_AT_STEP_ENV] = str(grow_at_step)
             process, copier = _launch([*command, *argv], env, log_path, alone)
             running[name] = _Running(process, threads, time.time(), log_path, alone, copier, budget_path,
-                                     threads, threads)
+                                     threads, threads, keeps_grant=grow_at_step is not None)
             last_status = time.time()
             pending.remove(name)
             free -= threads
@@ -271,6 +298,8 @@ def run_curriculum(config: DictConfig, only: list[str] | None = None, log=_print
                              "argv": run.process.args[len(command):]}
             if run.most_granted > run.threads:
                 timings[name]["grew_to"] = run.most_granted
+                if run.keeps_grant:
+                    timings[name]["grew_at_step"] = int(config.steps[name].grow_at_step)
             timings_path.write_text(json.dumps(timings, indent=2))
             log(f"[curriculum] {name}: finished in {seconds:.0f} s")
     if failures:
@@ -338,7 +367,11 @@ def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
     lines = ["# Shapes curriculum report", "", f"Run directory: `{run_dir}`", "", "## Wall time per step", "",
              "| step | seconds | threads |", "|---|---|---|"]
     for name, timing in timings.items():
-        grew = f", {timing['grew_to']} once spare" if "grew_to" in timing else ""
+        grew = ""
+        if "grew_at_step" in timing:
+            grew = f", {timing['grew_to']} from training step {timing['grew_at_step']}"
+        elif "grew_to" in timing:
+            grew = f", {timing['grew_to']} once spare"
         lines.append(f"| {name} | {timing['seconds']:.0f} | {timing.get('threads', '-')}{grew} |")
     lines.append(f"| sum of steps | {sum(t['seconds'] for t in timings.values()):.0f} | |")
     lines.append(f"| **wall time** (steps that overlap count once) | **{busy_seconds(timings):.0f}** | |")
