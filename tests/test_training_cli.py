@@ -61,6 +61,17 @@ def test_run_dir_gets_tensorboard_and_checkpoints(layered_recipe, tmp_path):
     assert any(isinstance(c, DataHealthMonitor) for c in cli.trainer.callbacks)
 
 
+def _fit_restoring_threads(recipe: str, max_steps: int, scheduler: Callback) -> None:
+    """Fit ``recipe`` with ``scheduler`` playing the curriculum, then give torch back its thread count."""
+    before = torch.get_num_threads()
+    try:
+        cli = StarCLI(args=["--config", recipe, "--trainer.max_steps", str(max_steps)], run=False)
+        cli.trainer.callbacks.append(scheduler)
+        cli.trainer.fit(cli.model, cli.datamodule)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_run_follows_the_thread_budget_its_scheduler_writes(layered_recipe, tmp_path, monkeypatch):
     base, _ = layered_recipe
     budget = tmp_path / "threads"
@@ -74,13 +85,7 @@ def test_a_run_follows_the_thread_budget_its_scheduler_writes(layered_recipe, tm
             if trainer.global_step == 2:
                 write_thread_budget(budget, 2)
 
-    before = torch.get_num_threads()
-    try:
-        cli = StarCLI(args=["--config", base, "--trainer.max_steps", "4"], run=False)
-        cli.trainer.callbacks.append(GrantAfterTwoSteps())
-        cli.trainer.fit(cli.model, cli.datamodule)
-    finally:
-        torch.set_num_threads(before)
+    _fit_restoring_threads(base, 4, GrantAfterTwoSteps())
     assert threads_per_step == [1, 1, 2, 2]
 
 
@@ -106,13 +111,7 @@ def test_a_run_that_grows_at_a_fixed_step_waits_there_for_its_grant_and_keeps_it
                 waited[0] = time.monotonic() - waited[0]
                 write_thread_budget(budget, 1)  # from then on nothing changes the count again
 
-    before = torch.get_num_threads()
-    try:
-        cli = StarCLI(args=["--config", base, "--trainer.max_steps", "6"], run=False)
-        cli.trainer.callbacks.append(Scheduler())
-        cli.trainer.fit(cli.model, cli.datamodule)
-    finally:
-        torch.set_num_threads(before)
+    _fit_restoring_threads(base, 6, Scheduler())
     assert threads_per_step == [1, 1, 1, 2, 2, 2]
     assert waited[0] >= 0.3, "step 3 started before its threads were granted"
 
