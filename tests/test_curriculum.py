@@ -153,8 +153,16 @@ def test_grow_at_step_is_checked_before_anything_runs(tmp_path):
         load({"threads": 1, "grow": True, "grow_at_step": 5})
     with pytest.raises(ValueError, match="'a': grow_at_step must be a training step"):
         load({"threads": 1, "grow_at_step": "soon"})
-    with pytest.raises(ValueError, match="asks for all 2; it would wait at step 5 forever"):
-        load({"grow_at_step": 5})
+
+
+def test_a_step_with_every_thread_ignores_grow_at_step_instead_of_waiting_forever(tmp_path):
+    # The main recipe on a 1-thread override: stage 1 has nothing to grow into.
+    config, command, out = _fake_curriculum(tmp_path, c_grows={"grow_at_step": 3})
+    config.threads = 1
+    lines = []
+    timings = run_curriculum(config, log=lines.append, command=command)
+    assert json.loads((out / "c").read_text())["grow_at_step"] is None and "grew_at_step" not in timings["c"]
+    assert "[curriculum] c: grow_at_step 3 ignored, the step has all 1 thread(s)" in lines
 
 
 def test_a_failed_step_lets_running_steps_finish_and_starts_nothing_after(tmp_path):

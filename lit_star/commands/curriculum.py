@@ -83,9 +83,6 @@ def load_curriculum(paths: list[str], run_dir: str | None = None) -> DictConfig:
             if isinstance(grow_at_step, bool) or not isinstance(grow_at_step, int) or grow_at_step < 0:
                 raise ValueError(f"curriculum step {name!r}: grow_at_step must be a training step (an integer "
                                  f">= 0), got {grow_at_step!r}")
-            if int(threads if threads is not None else total_threads) >= total_threads:
-                raise ValueError(f"curriculum step {name!r}: grow_at_step needs spare threads to grow into, but "
-                                 f"the step asks for all {total_threads}; it would wait at step {grow_at_step} forever")
         earlier.append(name)
     OmegaConf.resolve(config)
     return config
@@ -261,6 +258,10 @@ def run_curriculum(config: DictConfig, only: list[str] | None = None, log=_print
             write_thread_budget(budget_path, threads)
             env = {**base_env, "OMP_NUM_THREADS": str(threads), THREADS_FILE_ENV: str(budget_path.resolve())}
             grow_at_step = step.get("grow_at_step")
+            if grow_at_step is not None and threads >= total_threads:
+                # e.g. a 1-thread override of the main recipe: nothing to grow into, so nothing to wait for.
+                log(f"[curriculum] {name}: grow_at_step {grow_at_step} ignored, the step has all {total_threads} thread(s)")
+                grow_at_step = None
             if grow_at_step is not None:
                 env[GROW_AT_STEP_ENV] = str(grow_at_step)
             process, copier = _launch([*command, *argv], env, log_path, alone)
