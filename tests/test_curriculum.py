@@ -13,6 +13,7 @@ from lit_star.commands.curriculum import (
     _grant_spare_threads,
     _Running,
     busy_seconds,
+    critical_path,
     load_curriculum,
     run_curriculum,
     write_report,
@@ -94,6 +95,21 @@ def test_independent_steps_share_the_cores_and_dependents_wait(tmp_path):
     assert busy_seconds(timings) < sum(t["seconds"] for t in timings.values()) - 0.5
 
 
+def test_critical_path_follows_each_step_back_to_the_one_whose_end_let_it_start():
+    # The fifteenth run's shape: stage 0 beside stage 1, the eval tail in two processes.
+    def span(start, seconds):
+        return {"started_at": start, "seconds": seconds}
+
+    timings = {"world": span(0, 32), "stage0": span(32.2, 1105), "before": span(1137.3, 14),
+               "stage1": span(32.3, 1374), "tokenize": span(1406.5, 48), "stage2": span(1454.6, 1341),
+               "riddles": span(2795.8, 130), "geneval": span(2795.9, 168), "after": span(2926, 16),
+               "binding": span(2964.1, 35)}
+    assert critical_path(timings) == ["world", "stage1", "tokenize", "stage2", "geneval", "binding"]
+    timings["binding"] = span(2942.2, 35)  # started as `after` ended: the path goes through it instead
+    assert critical_path(timings) == ["world", "stage1", "tokenize", "stage2", "riddles", "after", "binding"]
+    assert critical_path({"a": {"seconds": 3.0}}) == []  # timed before start times were recorded
+
+
 def test_a_growing_step_takes_the_threads_its_finished_neighbour_freed(tmp_path):
     config, command, out = _fake_curriculum(tmp_path, b_seconds=0.3, c_seconds=1.5)
     lines = []
@@ -103,7 +119,9 @@ def test_a_growing_step_takes_the_threads_its_finished_neighbour_freed(tmp_path)
     assert ran["b"]["budgets"] == ["1"] and ran["d"]["budgets"] == ["2"]
     assert "[curriculum] c: now 2 thread(s)" in lines
     assert timings["c"]["grew_to"] == 2 and "grew_to" not in timings["b"]
-    assert "| c | 2 | 1, 2 once spare |" in write_report(config, timings).read_text()
+    report = write_report(config, timings).read_text()
+    assert "| c | 2 | 1, 2 once spare |" in report
+    assert "Critical path" in report and f"a {timings['a']['seconds']:.0f} s → c " in report
 
 
 def test_spare_threads_go_back_when_a_new_step_starts(tmp_path):

@@ -194,6 +194,23 @@ def busy_seconds(timings: dict[str, dict]) -> float:
     return total + sum(t["seconds"] for t in timings.values() if "started_at" not in t)
 
 
+def critical_path(timings: dict[str, dict], slack: float = 2.0) -> list[str]:
+    """The chain of steps that set the wall time: from the step that ended last, back through the step that
+    ended last before each one started (at most ``slack`` seconds before: the scheduler polls, and times are
+    rounded to 0.1 s), whether it waited for that step's output or for its threads. Speeding up any other
+    step does not shorten the run."""
+    spans = {name: (t["started_at"], t["started_at"] + t["seconds"]) for name, t in timings.items() if "started_at" in t}
+    if not spans:
+        return []
+    chain = [max(spans, key=lambda name: spans[name][1])]
+    while True:
+        start = spans[chain[-1]][0]
+        before = [name for name, (_, end) in spans.items() if start - slack <= end <= start + 0.25 and name not in chain]
+        if not before:
+            return chain[::-1]
+        chain.append(max(before, key=lambda name: spans[name][1]))
+
+
 def _print_now(line: str) -> None:
     # Flushed at once: under nohup or a pipe stdout is block-buffered and the heartbeat would sit unseen.
     print(line, flush=True)
@@ -376,6 +393,11 @@ def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
         lines.append(f"| {name} | {timing['seconds']:.0f} | {timing.get('threads', '-')}{grew} |")
     lines.append(f"| sum of steps | {sum(t['seconds'] for t in timings.values()):.0f} | |")
     lines.append(f"| **wall time** (steps that overlap count once) | **{busy_seconds(timings):.0f}** | |")
+    path = critical_path(timings)
+    if path:
+        lines += ["", "Critical path (each step started as the one before it ended; only these set the wall time): "
+                  + " → ".join(f"{name} {timings[name]['seconds']:.0f} s" for name in path)
+                  + f" = {sum(timings[name]['seconds'] for name in path):.0f} s."]
 
     before, after = _load_json(sources.get("understanding_before")), _load_json(sources.get("understanding_after"))
     if before and after:
