@@ -379,7 +379,8 @@ def _score_table(results: dict[str, dict]) -> list[str]:
 
 
 def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
-    """``<run_dir>/report.md``: wall time per step, understanding before/after, prompt binding, ShapesEval, grids."""
+    """``<run_dir>/report.md``: wall time per step and the critical path, understanding before/after, prompt
+    binding, ShapesEval, grids."""
     run_dir = Path(config.run_dir)
     sources = config.get("report", {})
     lines = ["# Shapes curriculum report", "", f"Run directory: `{run_dir}`", "", "## Wall time per step", "",
