@@ -1,5 +1,6 @@
 """Benchmarks run end to end at toy sizes and check their own equality claims."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +29,18 @@ def test_bench_generate_compares_cached_and_recomputed_codes():
     assert "identical kept sets: True" in out.stdout
     assert "identical codes: True" in out.stdout
     assert "576 / 1 =" in out.stdout and "batch 2:" in out.stdout
+
+
+def test_bench_train_step_compares_compiled_and_eager_steps(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "lit_star", "bench", "train-step", "--threads", "1", "--batch", "2",
+         "--stack-layers", "1", "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "bench.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "5 decoder layers compiled" in out.stdout  # the tiny base's 4 and the one stacked layer
+    assert "eager" in out.stdout and "compiled" in out.stdout and "x\n" in out.stdout
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["first_loss_relative_difference"] <= 1e-5
+    assert len(result["losses"]["eager"]) == len(result["losses"]["compiled"]) == 3
+    assert result["eager_ms_per_step"] > 0 and result["compiled_ms_per_step"] > 0

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stage2_fixtures import CAPTIONS, QUESTIONS, IMAGE_SIZE, loader, write_micro_base, write_small_vq  # noqa: E402
 
-from lit_star.models.base_vlm import encode_chat, load_processor  # noqa: E402
+from lit_star.models.base_vlm import decoder_layers, encode_chat, load_processor  # noqa: E402
 from lit_star.models.flavours import qwen2_5_vl_config  # noqa: E402
 from lit_star.models.sequence_layout import IGNORE_INDEX  # noqa: E402
 from lit_star.modules.stacked_ar_module import (  # noqa: E402
@@ -187,6 +187,32 @@ def test_activation_checkpointing_changes_neither_loss_nor_gradients(frozen_dirs
     assert grad_plain.abs().sum() > 0, "the adapter must get gradients through the frozen base"
     torch.testing.assert_close(loss_ckpt, loss_plain)
     torch.testing.assert_close(grad_ckpt, grad_plain)
+
+
+def test_compiled_layers_give_the_eager_loss_and_gradients(frozen_dirs):
+    batch = next(iter(loader(4, 4, with_codes=True)))
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        module = make_module(frozen_dirs, compile_layers=compiled)
+        module.configure_model()
+        layers = [*decoder_layers(module.stacked_ar.base), *module.stacked_ar.stack.layers]
+        assert all((layer._compiled_call_impl is not None) == compiled for layer in layers)
+        sequences = module.layout_batch(batch, batch["codes"], cfg_dropout=False)
+        loss, _ = module.model(sequences, module._code_vectors(sequences.code_ids))
+        loss.backward()
+        results.append((loss.detach(), module.stacked_ar.adapter.layers[0].weight.grad.clone(), set(module.state_dict())))
+    (loss_eager, grad_eager, keys_eager), (loss_compiled, grad_compiled, keys_compiled) = results
+    assert keys_compiled == keys_eager, "compiling must not rename parameters (checkpoints, checksums)"
+    torch.testing.assert_close(loss_compiled, loss_eager)
+    torch.testing.assert_close(grad_compiled, grad_eager)
+
+
+def test_compile_layers_without_a_cpp_compiler_is_refused_when_the_module_is_built(tmp_path):
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch({"cpp.cxx": ("lit-star-no-such-compiler",)}), pytest.raises(RuntimeError, match=r"model.init_args.compile_layers needs a C\+\+ compiler"):
+        StackedARModule(base_path=str(tmp_path / "missing"), vq_path=str(tmp_path / "missing"), compile_layers=True)
 
 
 def test_packed_rows_give_the_padded_loss(frozen_dirs):

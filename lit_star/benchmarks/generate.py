@@ -66,7 +66,7 @@ class BenchFlavour:
 
 
 FLAVOURS: dict[str, BenchFlavour] = {
-    # The Shapes world stack: tiny base (192 wide, 4 layers), 2 stacked layers, the tiny VQ's 1,024 x 16 codes.
+    # The Shapes world stack: tiny base (128 wide, 4 layers), 2 stacked layers, the tiny VQ's 1,024 x 16 codes.
     "tiny": BenchFlavour("tiny", num_stack_layers=2, adapter_depth=2, codebook_size=1024, codebook_dim=16),
     # ~60M parameters: 512 wide, 8 base layers + 4 stacked, a 16,384 x 8 codebook (LlamaGen VQ-16 size).
     "mid": BenchFlavour(

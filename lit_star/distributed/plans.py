@@ -41,6 +41,46 @@ def enable_activation_checkpointing(modules: Iterable[nn.Module]) -> int:
     return count
 
 
+def require_compile_toolchain(option: str) -> None:
+    """Fail now, naming ``option``, if TorchInductor cannot find the C++ compiler it builds kernels with.
+
+    Without the check a missing compiler surfaces at the first training step, after the weights have
+    loaded, as an error from deep inside inductor.
+    """
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # a torch without this helper: torch.compile reports it itself
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as error:  # inductor raises its own InvalidCxxCompiler
+        raise RuntimeError(
+            f"{option} needs a C++ compiler for torch.compile (TorchInductor), and none was found: {error}. "
+            f"Install one (e.g. apt-get install g++) or set {option} to false."
+        ) from error
+
+
+def compile_modules(modules: Iterable[nn.Module]) -> int:
+    """``torch.compile`` each module in place, the regional compilation torchtitan applies per block.
+
+    Compiling in place (``nn.Module.compile``) keeps parameter names, so checkpoints and the frozen-base
+    checksum do not see it. Identical blocks reuse one compiled graph. Shapes are symbolic from the
+    first call: a text-to-image batch is as long as its longest caption, and static graphs would be
+    recompiled for every new length. Inductor builds its CPU kernels for the thread count of the moment:
+    a later ``torch.set_num_threads`` (a curriculum step's ``grow``) compiles every graph again (80 s for
+    the Shapes VQ, as long as the first time). Returns the number of modules compiled.
+    """
+    count = 0
+    seen: set[int] = set()
+    for module in modules:
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        module.compile(dynamic=True)
+        count += 1
+    return count
+
+
 def fully_shard_units(
     root: nn.Module,
     units: Iterable[nn.Module],
