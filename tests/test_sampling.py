@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lit_star.models.base_vlm import generate_answers, load_processor
+from lit_star.models.base_vlm import decoder_layers, generate_answers, load_processor
 from lit_star.models.sequence_layout import IGNORE_INDEX
 from lit_star.models.stacked_ar import StackedAR, save_stacked_ar
 from lit_star.models.vq import VQModel
@@ -285,7 +285,9 @@ def test_load_star_from_saved_directory_and_lightning_checkpoint(stage2_dirs):
     assert half.model.pixel_head.weight.dtype == torch.bfloat16 and half.model.base.dtype == torch.float32
     assert generate_codes(half, PROMPTS[:2], SAMPLED, [0, 1]).shape == (2, 2, 2)
 
-    module = StackedARModule(base_path=str(base_dir), vq_path=str(vq_dir), num_stack_layers=1, adapter_depth=2)
+    # Trained with compiled layers (compilation itself waits for a first forward, so this costs nothing).
+    module = StackedARModule(base_path=str(base_dir), vq_path=str(vq_dir), num_stack_layers=1, adapter_depth=2,
+                             compile_layers=True)
     module.configure_model()
     with torch.no_grad():
         module.stacked_ar.adapter.layers[0].weight.add_(1.0)
@@ -296,6 +298,8 @@ def test_load_star_from_saved_directory_and_lightning_checkpoint(stage2_dirs):
     assert from_ckpt.image_size == 32
     for key, value in module.stacked_ar.trainable_state_dict().items():
         assert torch.equal(from_ckpt.model.trainable_state_dict()[key], value), key
+    layers = [*decoder_layers(from_ckpt.model.base), *from_ckpt.model.stack.layers]
+    assert all(layer._compiled_call_impl is None for layer in layers), "sampling must not run training-compiled layers"
 
 
 def test_generate_edit_understand_commands(stage2_dirs, tmp_path):

@@ -149,9 +149,10 @@ class StackedARModule(LightningModule):
         activation_checkpointing: recompute the decoder layers of the ``base`` and/or the ``stack`` in
             backward instead of storing their activations.
         compile_layers: ``torch.compile`` every decoder layer of the base and the stack (after
-            activation checkpointing, before FSDP2). Needs a C++ compiler, checked when the module is
-            built. The Shapes stage 2 step runs ~1.4x faster on CPU (``python -m lit_star bench
-            train-step``); the first step pays the compilation (~30 s).
+            activation checkpointing, before FSDP2, torchtitan's order; the tests run it on one process
+            only). Needs a C++ compiler, checked when the module is built. The Shapes stage 2 step runs
+            1.23x faster on two CPU threads (``python -m lit_star bench train-step``); the first step
+            pays the compilation (10-45 s there, depending on inductor's on-disk cache).
         log_images: validation samples whose ground truth and teacher-forced argmax codes are decoded by
             the VQ and shown in TensorBoard (0: none).
         seed: seeds the per-sample CFG dropout draws together with the epoch and the sample key, so the

@@ -101,6 +101,9 @@ def _from_lightning_checkpoint(path: Path, base, vq, vq_flavour):
     if vq is not None:
         hparams["vq_path"], hparams["vq_flavour"] = str(vq), vq_flavour
     hparams["init_from"] = None  # the checkpoint's own weights replace any initialisation
+    # A training option: one-token decode steps with a growing cache recompile a layer compiled for
+    # training until dynamo gives up (30 s lost per ShapesEval process); sampling has its own flag.
+    hparams["compile_layers"] = False
     module = StackedARModule(**hparams)
     module.configure_model()
     module.load_state_dict(checkpoint["state_dict"], strict=True)
