@@ -26,14 +26,13 @@ shared machine do not inflate the numbers; otherwise wall time (after ``torch.cu
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass, replace
 
 import torch
 
+from lit_star.benchmarks import finish
 from lit_star.models.base_vlm import TinyBaseSpec, build_tiny_base_vlm, tiny_spec
 from lit_star.models.sequence_layout import SequenceLayout
 from lit_star.models.stacked_ar import StackedAR
@@ -272,10 +271,4 @@ def main(argv: list[str]) -> int:
         results[name] = {"model": bench.description, "cache_vs_recompute": cache, "step_times": steps, "batch_scaling": scaling}
         del bench
 
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    if not ok:
-        print("bench generate: a correctness check failed (see above)", file=sys.stderr)
-        return 1
-    return 0
+    return finish(results, args.json, ok, "bench generate: a correctness check failed (see above)")

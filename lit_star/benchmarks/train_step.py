@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import random
 import statistics
-import sys
 import time
 
 import torch
 
+from lit_star.benchmarks import finish
 from lit_star.benchmarks.generate import FLAVOURS
 from lit_star.data.shapes import sample_prompt
 from lit_star.data.shapes_world import GENEVAL_CATEGORIES
@@ -148,10 +147,4 @@ def main(argv: list[str]) -> int:
     print(f"median step over {args.steps}: eager {eager_ms:.0f} ms, compiled {compiled_ms:.0f} ms -> {eager_ms / compiled_ms:.2f}x")
     print(f"loss, relative difference: first step {relative[0]:.1e}, largest {max(relative):.1e} "
           f"(tolerance {args.tolerance:.0e}); last losses {losses['eager'][-1]:.4f} / {losses['compiled'][-1]:.4f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    if not ok:
-        print("bench train-step: the compiled step's loss left the eager one (see above)", file=sys.stderr)
-        return 1
-    return 0
+    return finish(results, args.json, ok, "bench train-step: the compiled step's loss left the eager one (see above)")
