@@ -21,7 +21,9 @@ from lit_star.models.base_vlm import (
     tiny_spec,
 )
 from lit_star.models.tokenizer import QWEN_SPECIAL_TOKENS, special_token_ids, train_qwen2_tokenizer
-from lit_star.modules.base_module import BaseVLMModule, export_base_checkpoint, normalize_answer, task_batches
+from lit_star.checkpoints import export_base_checkpoint
+from lit_star.eval.grading import normalize_answer
+from lit_star.modules.base_module import BaseVLMModule, task_batches
 
 CORPUS = [
     "How many circles are there?",
@@ -179,7 +181,7 @@ def test_task_batches_and_answer_normalisation():
 
 def test_scene_descriptions_match_as_sets_and_break_down_by_field():
     from lit_star.eval.understanding import description_breakdown
-    from lit_star.modules.base_module import descriptions_match
+    from lit_star.eval.grading import descriptions_match
 
     truth = "A gray background with a small red circle at the top left and a large blue star at the center."
     swapped = "A gray background with a large blue star at the center and a small red circle at the top left."
@@ -200,7 +202,7 @@ def test_scene_descriptions_match_as_sets_and_break_down_by_field():
 
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
-    from lit_star.data.shapes import WorldConfig, generate_world
+    from lit_star.worlds.shapes.generator import WorldConfig, generate_world
 
     out = tmp_path_factory.mktemp("world")
     generate_world(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_star.data.shapes_world import COLORS, SHAPES, noun_phrase
+from lit_star.worlds.shapes.world import COLORS, SHAPES, noun_phrase
 from lit_star.eval.binding import binding_accuracy, format_binding, one_object_rows, star_scorer
 from tests.stage2_fixtures import build_micro_star
 

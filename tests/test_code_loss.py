@@ -6,7 +6,7 @@ from collections import Counter
 
 import torch
 
-from lit_star.eval.code_loss import REGIONS, code_loss_by_region, code_regions, format_code_loss
+from lit_star.experiments.code_loss import REGIONS, code_loss_by_region, code_regions, format_code_loss
 from lit_star.models.sequence_layout import collate_padded
 from tests.stage2_fixtures import build_micro_star
 

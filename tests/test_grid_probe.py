@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from lit_star.data.shapes import random_scene
-from lit_star.data.shapes_world import object_center
-from lit_star.eval import grid_probe
+from lit_star.worlds.shapes.generator import random_scene
+from lit_star.worlds.shapes.world import object_center
+from lit_star.experiments import grid_probe
 from lit_star.models.base_vlm import load_base_vlm, load_processor
 from tests.stage2_fixtures import write_micro_base
 

@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from lit_star.data.shapes_world import COLORS, SHAPES, noun_phrase
-from lit_star.eval.prompt_probe import format_probe, nearest_centroid_accuracy, probe_prompt_states
+from lit_star.worlds.shapes.world import COLORS, SHAPES, noun_phrase
+from lit_star.experiments.prompt_probe import format_probe, nearest_centroid_accuracy, probe_prompt_states
 from tests.stage2_fixtures import build_micro_star
 
 

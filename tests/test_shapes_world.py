@@ -12,9 +12,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from lit_star.data import shapes
-from lit_star.data.shapes import WorldConfig, generate_world
-from lit_star.data.shapes_world import (
+from lit_star.worlds.shapes import generator as shapes
+from lit_star.worlds.shapes.generator import WorldConfig, generate_world
+from lit_star.worlds.shapes.world import (
     BACKGROUNDS, CELL_NAMES, COLORS, COUNT_WORDS, HELD_OUT_COMBOS, SHAPE_PLURALS, SHAPES, Scene, WorldObject, object_bbox,
     one_attribute_phrase, relations_between, render_scene, scene_relations,
 )

@@ -23,12 +23,8 @@ from stage2_fixtures import CAPTIONS, QUESTIONS, IMAGE_SIZE, loader, write_micro
 from lit_star.models.base_vlm import decoder_layers, encode_chat, load_processor  # noqa: E402
 from lit_star.models.flavours import qwen2_5_vl_config  # noqa: E402
 from lit_star.models.sequence_layout import IGNORE_INDEX  # noqa: E402
-from lit_star.modules.stacked_ar_module import (  # noqa: E402
-    FROZEN_CHECKSUMS_KEY,
-    FrozenWeightsChangedError,
-    StackedARModule,
-    unigram_entropy,
-)
+from lit_star.checkpoints import FROZEN_CHECKSUMS_KEY, FrozenWeightsChangedError  # noqa: E402
+from lit_star.modules.stacked_ar_module import StackedARModule, unigram_entropy  # noqa: E402
 from lit_star.training import StarCLI  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,8 +22,9 @@ import yaml
 from PIL import Image
 from torch import nn
 
+from lit_star.checkpoints import load_vq
 from lit_star.commands import tokenize
-from lit_star.data.shapes_world import BACKGROUNDS, COLORS, SHAPES, Scene, WorldObject, render_scene
+from lit_star.worlds.shapes.world import BACKGROUNDS, COLORS, SHAPES, Scene, WorldObject, render_scene
 from lit_star.eval.vq_metrics import CodebookUsage, ExportedFeatures, frechet_distance
 from lit_star.models.vq_losses import (
     LPIPS,
@@ -312,7 +313,7 @@ def test_tokenize_decodes_back_and_resumes(tmp_path, capsys):
     with torch.no_grad():
         direct = model(images)
     assert np.array_equal(direct.codes.numpy(), codes)
-    decoded = tokenize.load_vq(ckpt).decode_codes(torch.from_numpy(codes).long())
+    decoded = load_vq(ckpt).decode_codes(torch.from_numpy(codes).long())
     assert torch.allclose(decoded, direct.reconstruction, atol=1e-5)
 
     # Resume: finished shards are skipped, a missing one is redone.

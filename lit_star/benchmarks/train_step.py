@@ -28,8 +28,8 @@ import torch
 
 from lit_star.benchmarks import finish
 from lit_star.benchmarks.generate import FLAVOURS, _sync
-from lit_star.data.shapes import sample_prompt
-from lit_star.data.shapes_world import GENEVAL_CATEGORIES
+from lit_star.worlds.shapes.generator import sample_prompt
+from lit_star.worlds.shapes.world import GENEVAL_CATEGORIES
 from lit_star.distributed.plans import compile_modules, require_compile_toolchain
 from lit_star.models.base_vlm import build_tiny_base_vlm, decoder_layers
 from lit_star.models.sequence_layout import SequenceLayout, collate_padded

@@ -3,7 +3,7 @@
 from lit_star.commands._dispatch import dispatch
 
 DATASETS = {
-    "shapes": ("Generate the procedural Shapes world (webdataset shards + eval sets).", "lit_star.data.shapes:main"),
+    "shapes": ("Generate the procedural Shapes world (webdataset shards + eval sets).", "lit_star.worlds.shapes.generator:main"),
 }
 
 

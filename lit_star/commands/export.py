@@ -23,13 +23,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from lit_star.commands._dispatch import dispatch
 
 log = logging.getLogger(__name__)
-
-REFERENCE_VQ_FILE = "VQ-Model.pt"
 
 EXPORTS = {
     "vq": ("STAR-VQ tokenizer: reference-layout VQ-Model.pt and/or safetensors + config.json.",
@@ -40,10 +37,8 @@ EXPORTS = {
 
 
 def export_vq(argv: list[str]) -> int:
-    import torch
-
-    from lit_star.commands.tokenize import load_vq
-    from lit_star.models.vq import CONFIG_FILE, WEIGHTS_FILE, VQModel
+    from lit_star.checkpoints import export_vq as write_vq
+    from lit_star.checkpoints import load_vq
 
     parser = argparse.ArgumentParser(prog="python -m lit_star export vq", description="Export the STAR-VQ tokenizer.")
     parser.add_argument("--ckpt", required=True,
@@ -54,29 +49,11 @@ def export_vq(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     model = load_vq(args.ckpt, args.flavour)
-    if model.config.local_encoder and args.format != "safetensors":
-        parser.error(f"{args.ckpt} has a local encoder (VQConfig.local_encoder), which the reference code cannot "
-                     "build: a VQ-Model.pt would load into a different encoder. Use --format safetensors.")
-    state = model.reference_state_dict()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    reloaded: list[tuple[Path, VQModel]] = []
-    if args.format in ("reference", "both"):
-        target = out / REFERENCE_VQ_FILE
-        torch.save(state, target)
-        written.append(target)
-        reloaded.append((target, VQModel.from_pretrained(target, model.exported_config())))
-    if args.format in ("safetensors", "both"):
-        model.save_pretrained(out)
-        written += [out / WEIGHTS_FILE, out / CONFIG_FILE]
-        reloaded.append((out, VQModel.from_pretrained(out)))
-    for source, copy in reloaded:
-        copy_state = copy.state_dict()
-        different = sorted(k for k in state if not torch.equal(state[k], copy_state[k].to(state[k].dtype)))
-        if different:
-            raise RuntimeError(f"export check failed: {source} reloads with different tensors {different[:10]}")
-    print(f"exported VQ ({len(state)} tensors, projector folded) from {args.ckpt}:")
+    try:
+        written = write_vq(model, args.out, args.format)
+    except ValueError as err:
+        parser.error(f"{args.ckpt}: {err}")
+    print(f"exported VQ ({len(model.reference_state_dict())} tensors, projector folded) from {args.ckpt}:")
     for path in written:
         print(f"  {path}")
     return 0
@@ -87,7 +64,7 @@ def export_base(argv: list[str]) -> int:
     parser.add_argument("--ckpt", required=True, help="BaseVLMModule checkpoint (e.g. runs/shapes/stage0_base/checkpoints/last.ckpt)")
     parser.add_argument("--out", required=True, help="output Hugging Face directory")
     args = parser.parse_args(argv)
-    from lit_star.modules.base_module import export_base_checkpoint
+    from lit_star.checkpoints import export_base_checkpoint
 
     print(f"wrote {export_base_checkpoint(args.ckpt, args.out)}")
     return 0

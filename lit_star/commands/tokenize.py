@@ -30,6 +30,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
+from lit_star.checkpoints import load_vq
 from lit_star.data.images import decode_image, resize_center_crop, rgb_to_tensor
 from lit_star.data.webdataset_io import reproducible_tar_writer
 from lit_star.models.vq import VQModel
@@ -44,40 +45,6 @@ INT16_MAX_CODES = 32767
 def codes_dtype(codebook_size: int) -> np.dtype:
     """Smallest signed dtype torch loads well (no uint16) that holds every code id."""
     return np.dtype(np.int16) if codebook_size <= INT16_MAX_CODES else np.dtype(np.int32)
-
-
-def load_vq(path: str | Path, flavour: str | None = None, map_location: str = "cpu") -> VQModel:
-    """A VQ ready for encoding from our Lightning checkpoint, a save_pretrained dir or reference weights."""
-    path = Path(path)
-    if path.is_file() and flavour is None:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        if isinstance(checkpoint, dict) and "hyper_parameters" in checkpoint and "state_dict" in checkpoint:
-            return _vq_from_lightning_checkpoint(checkpoint, str(path))
-        raise ValueError(
-            f"{path} is not a VQModule Lightning checkpoint; for reference-layout weights pass --flavour "
-            "(e.g. star-vq)"
-        )
-    model = VQModel.from_pretrained(path, flavour, map_location=map_location)
-    return model.eval()
-
-
-def _vq_from_lightning_checkpoint(checkpoint: dict, source: str) -> VQModel:
-    from lit_star.modules.vq_module import build_vq
-
-    hparams = checkpoint["hyper_parameters"]
-    if "flavour" not in hparams:
-        raise KeyError(f"{source}: hyper_parameters have no 'flavour'; not a VQModule checkpoint")
-    state = checkpoint["state_dict"]
-    prefix = "ema_vq.module." if any(k.startswith("ema_vq.module.") for k in state) else "vq."
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if not weights:
-        raise KeyError(f"{source}: no '{prefix}*' weights in its state_dict")
-    model = build_vq(hparams["flavour"], hparams.get("vq_overrides"))
-    model.load_state_dict(weights, strict=True)
-    log.info("loaded %s weights (%s) from %s", "EMA" if prefix.startswith("ema") else "trained", hparams["flavour"], source)
-    # Encoding with a folded codebook gives the same codes and skips the projector on every batch.
-    model.fold_codebook_projector()
-    return model.eval()
 
 
 def image_members(sample: dict) -> list[str]:

@@ -15,15 +15,13 @@ object starts ~200 codes after the prompt, a top-row one a few dozen.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 
 import torch
 
-from lit_star.data.shapes_world import COLORS, SHAPES, noun_phrase
-from lit_star.eval.code_loss import per_code_losses
+from lit_star.sampling.likelihood import per_code_losses
 from lit_star.sampling.modes import Star
+from lit_star.worlds.shapes.world import COLORS, SHAPES, noun_phrase
 
 # (captions, codes of one image) -> summed image-token loss under each caption
 CaptionScorer = Callable[[list[str], torch.Tensor], torch.Tensor]
@@ -84,26 +82,3 @@ def format_binding(results: dict) -> str:
         lines.append(f"{attribute:<10}{results[attribute]:>8.3f}"
                      + "".join(f"{v['accuracy']:>6.2f} ({v['images']})" for v in by_row.values()))
     return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    """``python -m lit_star eval binding --ckpt ... --shards ...``: print (and optionally write) the table."""
-    import argparse
-
-    from lit_star.commands.generate import add_model_args, load_from_args
-    from lit_star.data import ImageTextDataModule
-
-    parser = argparse.ArgumentParser(prog="python -m lit_star eval binding", description=__doc__.split("\n\n")[0])
-    add_model_args(parser)
-    parser.add_argument("--shards", required=True, help="pre-tokenized Shapes validation shards (codes.npy + txt + json)")
-    parser.add_argument("--out", help="write the accuracies to this JSON file")
-    args = parser.parse_args(argv)
-    star = load_from_args(args)
-    data = ImageTextDataModule(val_shards=args.shards, image_key=None, codes_key="codes.npy", batch_size=50,
-                               val_batch_size=50, num_workers=0)
-    data.setup("validate")
-    results = binding_accuracy(star_scorer(star), one_object_rows(data.val_dataloader()))
-    print(format_binding(results))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    return 0

@@ -11,8 +11,6 @@ untouched (the two JSON files must hold identical numbers and identical answers)
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -22,14 +20,11 @@ import torch
 from tqdm import tqdm
 
 from lit_star.data.datamodules import KnowledgeDataModule, VQADataModule
-from lit_star.models.base_vlm import generate_answers, images_to_uint8, load_base_vlm, load_processor
-from lit_star.modules.base_module import description_parts, descriptions_match, normalize_answer
-
-
-def answer_is_correct(prediction: str, answer: str, qtype: str | None) -> bool:
-    exact = normalize_answer(prediction) == normalize_answer(answer)
-    return exact or (qtype == "caption" and descriptions_match(prediction, answer))
-
+from lit_star.eval.grading import answer_is_correct, description_parts, normalize_answer
+from lit_star.models.base_vlm import (
+    generate_answers,
+    images_to_uint8,
+)
 
 OBJECT_PHRASE = re.compile(r"^an? (?P<size>\S+) (?P<color>\S+) (?P<shape>\S+) at the (?P<cell>.+)$")
 DESCRIPTION_FIELDS = ("cell", "size", "color", "shape")
@@ -117,35 +112,3 @@ def understanding_accuracy(model, processor, world: str | Path, batch_size: int 
         "riddles": len(riddles),
         "answers": answers,
     }
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lit_star eval understanding", description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--base", help="Hugging Face Qwen2.5-VL directory (e.g. the stage 0 export)")
-    source.add_argument("--ckpt", help="stage 2 checkpoint: its frozen base is evaluated")
-    parser.add_argument("--world", required=True, help="Shapes world directory")
-    parser.add_argument("--out", help="write the scores and every answer as JSON here")
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--limit", type=int, help="at most this many VQA questions and riddles (smoke runs)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    if args.base:
-        model, processor = load_base_vlm(args.base), load_processor(args.base)
-    else:
-        from lit_star.sampling.loading import load_star
-
-        star = load_star(args.ckpt)
-        model, processor = star.model.base, star.processor
-    result = understanding_accuracy(model, processor, args.world, args.batch_size, limit=args.limit)
-    by_type = ", ".join(f"{q} {v:.3f}" for q, v in result["vqa_accuracy_by_type"].items())
-    print(f"VQA accuracy {result['vqa_accuracy']:.4f} over {result['vqa_questions']} questions ({by_type})")
-    parts = result["descriptions"]
-    fields = ", ".join(f"{field} {share:.2f}" for field, share in parts["per_object"].items())
-    print(f"scene descriptions ({parts['descriptions']}): background {parts['background']:.2f}, number of objects "
-          f"{parts['object_count']:.2f}; per object in reading order ({parts['objects']}): {fields}")
-    print(f"riddle accuracy {result['riddle_accuracy']:.4f} over {result['riddles']} riddles")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    return 0

@@ -11,9 +11,8 @@ a Hugging Face directory that stage 2 loads exactly as it would load Qwen2.5-VL-
 
 from __future__ import annotations
 
-import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,12 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 
+from lit_star.checkpoints import BASE_CONFIG_KEY, BASE_FILES_KEY
 from lit_star.data.health import DATA_HEALTH_KEY
-from lit_star.data.shapes import VQA_TYPES as VQA_QTYPES
 from lit_star.data.webdataset_io import TASK_KEY
+from lit_star.eval.grading import answer_is_correct, normalize_answer
 from lit_star.models.base_vlm import (
     IGNORE_INDEX,
     Qwen2_5_VLImageTextProcessor,
@@ -47,43 +47,6 @@ from lit_star.modules.schedules import lr_multiplier
 
 # Text fields of the world's understanding batches (SCHEMA.md) that the tokenizer is trained on.
 CORPUS_FIELDS = ("question", "answer", "prompt")
-CHECKPOINT_FILES_KEY = "base_vlm_files"
-CHECKPOINT_CONFIG_KEY = "base_vlm_config"
-
-
-def normalize_answer(text: str) -> str:
-    """Exact match up to case, surrounding whitespace, inner whitespace runs and a final full stop."""
-    return " ".join(text.strip().lower().rstrip(".").split())
-
-
-# The world's scene descriptions (``dpg_description``): "A <background> background with <o1>, <o2> and <o3>."
-SCENE_DESCRIPTION = re.compile(r"^a (?P<background>.+?) background with (?P<objects>.+)$")
-
-
-def descriptions_match(prediction: str, answer: str) -> bool:
-    """Whether two scene descriptions name the same background and the same objects, in any order.
-
-    The world lists objects in reading order, but a description that names the same objects in another
-    order describes the same image (and worlds written before that convention listed them in placement
-    order), so the objects are compared as a set.
-    """
-    prediction, answer = normalize_answer(prediction), normalize_answer(answer)
-    if prediction == answer:
-        return True
-    found, expected = description_parts(prediction), description_parts(answer)
-    if found is None or expected is None:
-        return False
-    return found[0] == expected[0] and sorted(found[1]) == sorted(expected[1])
-
-
-def description_parts(text: str) -> tuple[str, list[str]] | None:
-    """``(background, object phrases in the order named)`` of a scene description, or None if it is not one."""
-    match = SCENE_DESCRIPTION.match(normalize_answer(text))
-    if match is None:
-        return None
-    if match["objects"] == "nothing else":  # an empty scene
-        return match["background"], []
-    return match["background"], match["objects"].replace(" and ", ", ").split(", ")
 
 
 def task_batches(batch: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
@@ -133,6 +96,9 @@ class BaseVLMModule(LightningModule):
             over all answer tokens of the batch. With ``"token"`` the descriptions' mostly predictable
             wording made up ~80% of the loss, and the tiny model learned the text prior while its vision
             tower collapsed to a constant output (colour questions at chance after 900 steps).
+        question_types: the VQA question types (``meta["qtype"]``) whose accuracy is logged one by one
+            (``val/vqa_accuracy_<type>``); a validation sample of another type is an error. ``None``: every
+            type the validation data carries gets its own metric.
     """
 
     def __init__(
@@ -151,6 +117,7 @@ class BaseVLMModule(LightningModule):
         vision_lr_scale: float = 1.0,
         max_new_tokens: int = 32,
         loss_normalization: str = "sample",
+        question_types: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if loss_normalization not in ("sample", "token"):
@@ -163,7 +130,7 @@ class BaseVLMModule(LightningModule):
         self.val_vqa_accuracy = MeanMetric()
         self.val_vqa_exact_match = MeanMetric()
         self.val_riddle_accuracy = MeanMetric()
-        self.val_qtype_accuracy = nn.ModuleDict({qtype: MeanMetric() for qtype in VQA_QTYPES})
+        self.val_qtype_accuracy = nn.ModuleDict({qtype: MeanMetric() for qtype in question_types or ()})
 
     # ---- model construction -------------------------------------------------------------------
 
@@ -276,8 +243,13 @@ class BaseVLMModule(LightningModule):
             for ok, prediction, answer, meta, key in zip(exact, predictions, part["answer"], part["meta"], part["__key__"]):
                 qtype = meta.get("qtype")
                 if qtype not in self.val_qtype_accuracy:
-                    raise KeyError(f"VQA sample {key!r} has qtype {qtype!r}; expected one of {VQA_QTYPES}")
-                correct = ok or (qtype == "caption" and descriptions_match(prediction, answer))
+                    if self.hparams.question_types is not None:
+                        raise KeyError(
+                            f"VQA sample {key!r} has qtype {qtype!r}; model.init_args.question_types lists "
+                            f"{list(self.hparams.question_types)}"
+                        )
+                    self.val_qtype_accuracy[str(qtype)] = MeanMetric().to(self.device)
+                correct = answer_is_correct(prediction, answer, qtype)
                 self.val_vqa_exact_match.update(float(ok))
                 self.val_vqa_accuracy.update(float(correct))
                 self.val_qtype_accuracy[qtype].update(float(correct))
@@ -338,11 +310,11 @@ class BaseVLMModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Enough to rebuild the Hugging Face directory from the checkpoint alone (export_base_checkpoint).
-        checkpoint[CHECKPOINT_CONFIG_KEY] = self.model.config.to_dict()
-        checkpoint[CHECKPOINT_FILES_KEY] = _processor_files(self.processor)
+        checkpoint[BASE_CONFIG_KEY] = self.model.config.to_dict()
+        checkpoint[BASE_FILES_KEY] = _processor_files(self.processor)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get(CHECKPOINT_FILES_KEY)
+        saved = checkpoint.get(BASE_FILES_KEY)
         if saved is None or self.processor is None:
             return
         current = _processor_files(self.processor)
@@ -364,21 +336,3 @@ def _processor_files(processor: Qwen2_5_VLImageTextProcessor) -> dict[str, str]:
         processor.tokenizer.save_pretrained(tmp)
         processor.image_processor.save_pretrained(tmp)
         return {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.is_file()}
-
-
-def export_base_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
-    """Write the Hugging Face directory of a stage 0 Lightning checkpoint (any step, e.g. ``last.ckpt``)."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    for key in (CHECKPOINT_CONFIG_KEY, CHECKPOINT_FILES_KEY, "state_dict"):
-        if key not in checkpoint:
-            raise KeyError(f"{ckpt_path} has no {key!r}: not a stage 0 (BaseVLMModule) checkpoint")
-    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(checkpoint[CHECKPOINT_CONFIG_KEY]))
-    prefix = "model."
-    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state, strict=True)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    for name, text in checkpoint[CHECKPOINT_FILES_KEY].items():
-        (out_dir / name).write_text(text, encoding="utf-8")
-    return out_dir

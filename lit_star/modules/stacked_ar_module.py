@@ -41,6 +41,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
+from lit_star.checkpoints import (
+    FROZEN_CHECKSUMS_KEY,
+    IMAGE_SIZE_KEY,
+    STACKED_AR_CONFIG_KEY,
+    STACKED_AR_FIELDS,
+    FrozenWeightsChangedError,
+    load_vq,
+)
 from lit_star.distributed.plans import (
     compile_modules,
     enable_activation_checkpointing,
@@ -77,12 +85,6 @@ from lit_star.modules.schedules import lr_multiplier
 ActivationCheckpointing = Literal["base", "stack"]
 # State-dict prefixes of the frozen parts; they never enter a checkpoint (see the module docstring).
 FROZEN_STATE_PREFIXES = ("model.stacked_ar.base.", "vq.")
-IMAGE_SIZE_KEY = "image_size"
-FROZEN_CHECKSUMS_KEY = "frozen_checksums"
-
-
-class FrozenWeightsChangedError(RuntimeError):
-    """A frozen module's weights differ from what was loaded (or from what a checkpoint was trained on)."""
 
 
 class TextToImageObjective(nn.Module):
@@ -231,7 +233,7 @@ class StackedARModule(LightningModule):
         hp = self.hparams
         empty = torch.get_default_device().type == "meta"
         base = _empty_base(hp.base_path, hp.base_dtype) if empty else load_base_vlm(hp.base_path, dtype=hp.base_dtype)
-        self.vq = _empty_vq(hp.vq_path, hp.vq_flavour) if empty else _load_frozen_vq(hp.vq_path, hp.vq_flavour)
+        self.vq = _empty_vq(hp.vq_path, hp.vq_flavour) if empty else load_vq(hp.vq_path, hp.vq_flavour)
         self.vq.requires_grad_(False).eval()
         if not empty:
             # Before anything can touch them: this is "what was loaded".
@@ -484,6 +486,8 @@ class StackedARModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.verify_frozen_weights()
         checkpoint[FROZEN_CHECKSUMS_KEY] = dict(self.frozen_checksums)
+        # What lit_star.checkpoints.load_stage2 needs to rebuild the model without this module.
+        checkpoint[STACKED_AR_CONFIG_KEY] = {key: self.hparams[key] for key in STACKED_AR_FIELDS}
         if getattr(self, "trained_image_size", None):
             checkpoint[IMAGE_SIZE_KEY] = self.trained_image_size
 
@@ -537,9 +541,3 @@ def _empty_vq(vq_path: str, vq_flavour: str | None) -> VQModel:
             f"an empty (meta) build needs vq_flavour or a VQ directory with {VQ_CONFIG_FILE}; got vq_path={vq_path}"
         )
     return VQModel(config)
-
-
-def _load_frozen_vq(vq_path: str, vq_flavour: str | None) -> VQModel:
-    from lit_star.commands.tokenize import load_vq
-
-    return load_vq(vq_path, vq_flavour)

@@ -4,7 +4,7 @@
     python -m lit_star data shapes --out /tmp/w --seed 1 --resolution 128 --t2i-train 20000 --overwrite
 
 Same seed and sizes give the same bytes. Layout, sample keys and the held-out combinations are in
-``docs/shapes_world.md``; the scene vocabulary and rendering are in :mod:`lit_star.data.shapes_world`.
+``docs/shapes_world.md``; the scene vocabulary and rendering are in :mod:`lit_star.worlds.shapes.world`.
 """
 
 from __future__ import annotations
@@ -22,13 +22,33 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from lit_star.data.shapes_world import (
-    BACKGROUNDS, CELL_NAMES, COLOR_HINTS, COLORS, COUNT_HINTS, EDIT_CATEGORIES, GENEVAL_CATEGORIES, GRID,
-    HELD_OUT_COMBOS, HEXAGON_ASPECT,
-    RELATION_PHRASES, RELATIONS, SCHEMA_VERSION, SHAPE_HINTS, SHAPE_PLURALS, SHAPES, SIZES, Scene, WorldObject,
-    dpg_description, noun_phrase, one_attribute_phrase, render_scene, scene_relations,
-)
 from lit_star.data.webdataset_io import reproducible_tar_writer
+from lit_star.worlds.shapes.world import (
+    BACKGROUNDS,
+    CELL_NAMES,
+    COLOR_HINTS,
+    COLORS,
+    COUNT_HINTS,
+    EDIT_CATEGORIES,
+    GENEVAL_CATEGORIES,
+    GRID,
+    HELD_OUT_COMBOS,
+    HEXAGON_ASPECT,
+    RELATION_PHRASES,
+    RELATIONS,
+    SCHEMA_VERSION,
+    SHAPE_HINTS,
+    SHAPE_PLURALS,
+    SHAPES,
+    SIZES,
+    Scene,
+    WorldObject,
+    dpg_description,
+    noun_phrase,
+    one_attribute_phrase,
+    render_scene,
+    scene_relations,
+)
 
 RIDDLE_CATEGORIES = ("single_object", "two_objects", "counting", "position")
 VQA_TYPES = ("count", "color", "shape", "relation", "caption")
@@ -545,7 +565,7 @@ def generate_world(out: str | Path, cfg: WorldConfig | None = None, progress: bo
 
     world = {
         "schema_version": SCHEMA_VERSION,
-        "generator": "lit_star.data.shapes",
+        "generator": "lit_star.worlds.shapes.generator",
         "config": asdict(cfg),
         "vocabulary": world_vocabulary(),
         "held_out_combos": [list(c) for c in HELD_OUT_COMBOS],

@@ -1,6 +1,6 @@
 """Where a stage 2 model's image-token loss goes, by region of the Shapes world's images.
 
-    python -m lit_star eval code-loss --ckpt runs/shapes_curriculum/stage2_stacked_ar/checkpoints/last.ckpt \\
+    python -m lit_star.experiments.code_loss --ckpt runs/shapes_curriculum/stage2_stacked_ar/checkpoints/last.ckpt \\
         --shards 'runs/shapes_curriculum/world/t2i_codes/val-*.tar' --limit 200
 
 Every code of a pre-tokenized validation image is put in one region, from the scene metadata:
@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from lit_star.models.sequence_layout import IGNORE_INDEX, collate_padded
+from lit_star.sampling.likelihood import per_code_losses
 from lit_star.sampling.modes import Star
 
 REGIONS = ("object start", "object", "ring 1", "ring 2", "background")
@@ -55,22 +54,6 @@ def code_regions(objects: Sequence[Mapping], grid: int, resolution: int) -> list
     regions[(regions == "background") & (distance == 1)] = "ring 1"
     regions[(regions == "background") & (distance == 2)] = "ring 2"
     return regions.reshape(-1).tolist()
-
-
-@torch.no_grad()
-def per_code_losses(star: Star, captions: Sequence[str], codes: torch.Tensor, unconditional: bool) -> torch.Tensor:
-    """B x (h*w) teacher-forced cross-entropy of every code, with the training layout."""
-    layout, model = star.layout, star.model
-    batch = collate_padded(
-        [layout.text_to_image(c, x, unconditional=unconditional) for c, x in zip(captions, codes)], layout.special.pad
-    ).to(star.device)
-    embeds = model.embed_inputs(batch.input_ids, batch.code_mask, star.codebook(batch.code_ids))
-    hidden = model(embeds.to(model.base.dtype), batch.position_ids, batch.attention_mask)
-    rows = []
-    for states, labels in zip(hidden, batch.labels):  # one row's logits at a time: B x T x K would be large
-        coded = labels != IGNORE_INDEX
-        rows.append(F.cross_entropy(model.logits(states[coded]).float(), labels[coded], reduction="none"))
-    return torch.stack(rows).cpu()
 
 
 def code_loss_by_region(star: Star, batches, limit: int | None = None) -> dict[str, dict]:
@@ -118,13 +101,13 @@ def format_code_loss(results: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m lit_star eval code-loss --ckpt ... --shards ...``: print (and optionally write) the table."""
+    """``python -m lit_star.experiments.code_loss --ckpt ... --shards ...``: print (and optionally write) the table."""
     import argparse
 
-    from lit_star.commands.generate import add_model_args, load_from_args
+    from lit_star.commands.options import add_model_args, load_from_args
     from lit_star.data import ImageTextDataModule
 
-    parser = argparse.ArgumentParser(prog="python -m lit_star eval code-loss", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lit_star.experiments.code_loss", description=__doc__.split("\n\n")[0])
     add_model_args(parser)
     parser.add_argument("--shards", required=True, help="pre-tokenized Shapes validation shards (codes.npy + txt + json)")
     parser.add_argument("--limit", type=int, default=200, help="score the first N images (default 200)")
@@ -142,3 +125,9 @@ def main(argv: list[str]) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

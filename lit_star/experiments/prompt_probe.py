@@ -1,6 +1,6 @@
 """Where does a stage 2 model keep the prompt? A nearest-centroid probe over the Shapes vocabulary.
 
-    python -m lit_star eval prompt-probe --ckpt runs/shapes_curriculum/stage2_stacked_ar/checkpoints/last.ckpt
+    python -m lit_star.experiments.prompt_probe --ckpt runs/shapes_curriculum/stage2_stacked_ar/checkpoints/last.ckpt
 
 The prompts are "a <colour> <shape>" for every colour and shape of the world (50 prompts). For the
 frozen base's final (post-norm) states and for the stack's output, at the colour word, the shape word
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lit_star.data.shapes_world import COLORS, SHAPES, noun_phrase
 from lit_star.sampling.modes import Star, text_to_image_prefix
+from lit_star.worlds.shapes.world import COLORS, SHAPES, noun_phrase
 
 # Tokens after the user text in a text-to-image prefix: <|im_end|> \n <|im_start|> assistant \n <|vision_start|>.
 _TOKENS_AFTER_PROMPT = 6
@@ -87,12 +87,12 @@ def format_probe(results: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m lit_star eval prompt-probe --ckpt ...``: print (and optionally write) the probe table."""
+    """``python -m lit_star.experiments.prompt_probe --ckpt ...``: print (and optionally write) the probe table."""
     import argparse
 
-    from lit_star.commands.generate import add_model_args, load_from_args
+    from lit_star.commands.options import add_model_args, load_from_args
 
-    parser = argparse.ArgumentParser(prog="python -m lit_star eval prompt-probe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lit_star.experiments.prompt_probe", description=__doc__.split("\n\n")[0])
     add_model_args(parser)
     parser.add_argument("--out", help="write the accuracies to this JSON file")
     args = parser.parse_args(argv)
@@ -101,3 +101,9 @@ def main(argv: list[str]) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

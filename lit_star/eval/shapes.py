@@ -1,5 +1,7 @@
-"""Generate the ShapesEval sets with a stage 2 checkpoint and score them.
+"""ShapesEval: score a folder of images, or generate the world's eval sets with a stage 2 checkpoint and score them.
 
+    python -m lit_star eval shapes --prompts runs/shapes_world/eval/geneval.jsonl --images runs/shapes_world/eval/geneval_gt
+    python -m lit_star eval shapes --prompts runs/shapes_world/eval/edit.jsonl --images runs/shapes_world/eval/edit_gt --out edit.json
     python -m lit_star eval shapes --ckpt runs/shapes/stage2_stacked_ar/checkpoints/last.ckpt \\
         --world runs/shapes_world --out runs/shapes/eval --cfg 3 --topk 64 --topp 1.0
 
@@ -28,12 +30,25 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from lit_star.commands.generate import assign_ids_and_seeds, write_generations
-from lit_star.data.shapes import seen_combination_prompts, seen_combination_riddles
-from lit_star.eval.shapes_eval import format_table, load_prompts, score_edits, score_geneval
 from lit_star.sampling.decoding import DecodeOptions
 from lit_star.sampling.filtering import SamplerConfig
-from lit_star.sampling.modes import REFERENCE_REASONING_SUFFIX, Star, codes_to_images, edit_codes
+from lit_star.sampling.generations import assign_ids_and_seeds, write_generations
+from lit_star.sampling.modes import (
+    REFERENCE_REASONING_SUFFIX,
+    Star,
+    codes_to_images,
+    edit_codes,
+)
+from lit_star.worlds.shapes.generator import (
+    seen_combination_prompts,
+    seen_combination_riddles,
+)
+from lit_star.worlds.shapes.scorer import (
+    format_table,
+    load_prompts,
+    score_edits,
+    score_geneval,
+)
 
 GRID_COLUMNS = 8
 GRID_MAX_IMAGES = 32
@@ -130,9 +145,9 @@ def evaluate_on_shapes(
     """Generate and score the world's eval sets; returns (and writes) ``results.json``'s content.
 
     ``seen_combinations`` > 0 adds that many control prompts per category whose colour/shape pairs
-    occur in training (:func:`lit_star.data.shapes.seen_combination_prompts`); ``seen_riddles`` > 0
+    occur in training (:func:`lit_star.worlds.shapes.generator.seen_combination_prompts`); ``seen_riddles`` > 0
     that many riddles per category answered by seen pairs
-    (:func:`lit_star.data.shapes.seen_combination_riddles`), with and without reasoning.
+    (:func:`lit_star.worlds.shapes.generator.seen_combination_riddles`), with and without reasoning.
     ``geneval=False`` skips the GenEval-style set, so two processes can share the sets (decoding one
     code at a time, a CPU process gains nothing from a second thread; a second process does).
     """
@@ -194,33 +209,3 @@ def evaluate_on_shapes(
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     log(f"wrote {out / 'results.json'}")
     return results
-
-
-def main(argv: list[str]) -> int:
-    """``python -m lit_star eval shapes --ckpt ...``: generate the eval sets, then score them."""
-    import argparse
-
-    from lit_star.commands.generate import add_model_args, add_sampler_args, decode_options_from_args, load_from_args, sampler_from_args
-
-    parser = argparse.ArgumentParser(prog="python -m lit_star eval shapes --ckpt", description=__doc__.split("\n\n")[0])
-    add_model_args(parser)
-    add_sampler_args(parser)
-    parser.add_argument("--world", required=True, help="Shapes world directory (its eval/ folder is used)")
-    parser.add_argument("--out", required=True, help="output folder for images, grids and results.json")
-    parser.add_argument("--edits", action="store_true", help="also run the edit set (needs an edit-trained stack)")
-    parser.add_argument("--no-knowledge", action="store_true", help="skip the riddle sets (with/without reasoning)")
-    parser.add_argument("--no-geneval", action="store_true",
-                        help="skip the GenEval-style set (run it in another process with --no-knowledge)")
-    parser.add_argument("--per-category", type=int, help="only the first N prompts of each category (smoke runs)")
-    parser.add_argument("--seen-combinations", type=int, default=0, metavar="N",
-                        help="also score N control prompts per category built from colour/shape pairs seen in training")
-    parser.add_argument("--seen-riddles", type=int, default=0, metavar="N",
-                        help="also score N riddles per category whose answers name seen pairs, with and without reasoning")
-    args = parser.parse_args(argv)
-    star = load_from_args(args)
-    evaluate_on_shapes(
-        star, args.world, args.out, sampler_from_args(args), decode_options_from_args(args), args.batch_size, args.seed,
-        edits=args.edits, knowledge=not args.no_knowledge, per_category=args.per_category,
-        seen_combinations=args.seen_combinations, seen_riddles=args.seen_riddles, geneval=not args.no_geneval,
-    )
-    return 0

@@ -1,6 +1,6 @@
 """Does a base VLM know where its image tokens are? A linear probe of their grid row and column.
 
-    python -m lit_star eval grid-probe --base runs/shapes_curriculum/stage0_base/hf
+    python -m lit_star.experiments.grid_probe --base runs/shapes_curriculum/stage0_base/hf
 
 Relation questions ("Is the red circle to the left of the blue square?") and the cells named in scene
 descriptions need the place of an object, and Qwen2.5-VL's vision tower cannot supply it: its rotary
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lit_star.data.shapes import random_scene
-from lit_star.data.shapes_world import object_center, render_scene
 from lit_star.models.base_vlm import encode_chat, load_base_vlm, load_processor
+from lit_star.worlds.shapes.generator import random_scene
+from lit_star.worlds.shapes.world import object_center, render_scene
 
 PROBE_QUESTION = "Describe the image."
 TRAIN_FRACTION = 0.7
@@ -125,8 +125,8 @@ def format_grid_probe(results: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m lit_star eval grid-probe --base DIR``: print (and optionally write) the probe table."""
-    parser = argparse.ArgumentParser(prog="python -m lit_star eval grid-probe", description=__doc__.split("\n\n")[0])
+    """``python -m lit_star.experiments.grid_probe --base DIR``: print (and optionally write) the probe table."""
+    parser = argparse.ArgumentParser(prog="python -m lit_star.experiments.grid_probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="Qwen2.5-VL directory (a stage 0 export)")
     parser.add_argument("--images", type=int, default=600, help="random Shapes scenes to render (70%% fit, 30%% score)")
     parser.add_argument("--seed", type=int, default=0)
@@ -140,3 +140,9 @@ def main(argv: list[str]) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

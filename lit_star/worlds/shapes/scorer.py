@@ -1,8 +1,6 @@
-"""ShapesEval: score images of the Shapes world against prompt metadata, GenEval-style and for edits.
+"""ShapesEval's scorer: images of the Shapes world against prompt metadata, GenEval-style and for edits.
 
-    python -m lit_star eval shapes --prompts runs/shapes_world/eval/geneval.jsonl --images runs/shapes_world/eval/geneval_gt
-    python -m lit_star eval shapes --prompts runs/shapes_world/eval/edit.jsonl --images runs/shapes_world/eval/edit_gt --out edit.json
-
+The command is ``python -m lit_star eval shapes`` (:mod:`lit_star.eval.shapes`).
 Images are named ``<id>.png`` (``.jpg``/``.jpeg``/``.webp`` also accepted). Objects are found without any
 learned model:
 
@@ -22,11 +20,8 @@ edited cells match the target scene and every other cell and the background are 
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import math
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +32,19 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from lit_star.data.jsonl import read_jsonl
-from lit_star.data.shapes_world import (
-    BACKGROUNDS, COLORS, EDIT_CATEGORIES, GENEVAL_CATEGORIES, GRID, SHAPES, UNIT_OUTLINES, Scene, draw_shape,
+from lit_star.worlds.shapes.world import (
+    BACKGROUNDS,
+    COLORS,
+    EDIT_CATEGORIES,
+    GENEVAL_CATEGORIES,
+    GRID,
+    SHAPES,
+    UNIT_OUTLINES,
+    Scene,
+    draw_shape,
     relations_between,
 )
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 _PALETTE_NAMES = list(COLORS)
@@ -491,43 +495,3 @@ def format_table(result: dict) -> str:
     if result["missing"]:
         lines.append(f"{len(result['missing'])} image(s) missing or unreadable (scored 0), e.g. {result['missing'][0]}")
     return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    if "--ckpt" in argv:  # generate with a stage 2 checkpoint first, then score
-        from lit_star.eval.shapes_generation import main as generate_and_score
-
-        return generate_and_score(argv)
-    parser = argparse.ArgumentParser(prog="python -m lit_star eval shapes", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", required=True, help="eval JSONL: geneval.jsonl, knowledge.jsonl or edit.jsonl")
-    parser.add_argument("--images", required=True, help="folder of images named <id>.png")
-    parser.add_argument("--task", choices=("auto", "geneval", "edit"), default="auto",
-                        help="auto: edit when the records carry source/target scenes")
-    parser.add_argument("--out", help="write the scores (with per-prompt reasons) as JSON here")
-    args = parser.parse_args(argv)
-
-    if not Path(args.images).is_dir():
-        print(f"eval shapes: --images {args.images} is not a folder", file=sys.stderr)
-        return 2
-    try:
-        records = load_prompts(args.prompts)
-    except (OSError, ValueError) as err:
-        print(f"eval shapes: {err}", file=sys.stderr)
-        return 2
-    task = args.task
-    if task == "auto":
-        task = "edit" if "target" in records[0] else "geneval"
-    try:
-        result = score_edits(records, args.images) if task == "edit" else score_geneval(records, args.images)
-    except ValueError as err:
-        print(f"eval shapes: {args.prompts}: {err}", file=sys.stderr)
-        return 2
-    print(format_table(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        print(f"wrote {args.out}")
-    if len(result["missing"]) == len(records):
-        print(f"eval shapes: no image of {args.prompts} was found in {args.images}", file=sys.stderr)
-        return 1
-    return 0

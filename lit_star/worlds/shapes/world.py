@@ -1,10 +1,10 @@
 """The Shapes world itself: vocabulary, scenes, rendering and the language that describes them.
 
-Pure functions with no I/O. :mod:`lit_star.data.shapes` samples scenes and writes shards;
-:mod:`lit_star.eval.shapes_eval` reads images back with the same vocabulary and geometry.
+Pure functions with no I/O. :mod:`lit_star.worlds.shapes.generator` samples scenes and writes shards;
+:mod:`lit_star.worlds.shapes.scorer` reads images back with the same vocabulary and geometry.
 Documented in ``docs/shapes_world.md``.
 
-    from lit_star.data.shapes_world import Scene, WorldObject, render_scene
+    from lit_star.worlds.shapes.world import Scene, WorldObject, render_scene
     img = render_scene(Scene("white", (WorldObject("triangle", "yellow", "large", (1, 1)),)), resolution=64)
 """
 

@@ -1,0 +1,340 @@
+"""Loading and saving every stage's weights, with no Lightning module in the way.
+
+* stage 0: :func:`export_base_checkpoint` turns a ``BaseVLMModule`` checkpoint into a Hugging Face directory;
+* stage 1: :func:`load_vq` reads a ``VQModule`` checkpoint, a ``VQModel.save_pretrained`` directory or a
+  reference ``VQ-Model.pt``; :func:`export_vq` writes the reference layout and/or safetensors, verified;
+* stage 2: :func:`load_stage2` reads a ``StackedARModule`` checkpoint (its ``stacked_ar_config`` entry, or
+  for checkpoints written before that entry existed, its hyper-parameters) or a ``save_stacked_ar`` directory;
+* the released STAR-3B/7B: :func:`import_reference` maps the reference layout with exact key coverage.
+
+Depends on ``lit_star.models`` only; LightningModules, sampling, evals and commands all load through here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lit_star.models.base_vlm import load_base_vlm
+from lit_star.models.reference_format import (
+    KeyMismatchError,
+    base_differences,
+    infer_stack_shape,
+    load_reference_into,
+    split_reference_state_dict,
+    stacked_ar_coverage,
+)
+from lit_star.models.stacked_ar import (
+    STACKED_AR_CONFIG,
+    StackedAR,
+    base_state_checksum,
+    load_stacked_ar,
+    save_stacked_ar,
+)
+from lit_star.models.vq import CONFIG_FILE, WEIGHTS_FILE, VQModel, vq_config
+
+log = logging.getLogger(__name__)
+
+# ---- stage 0 -----------------------------------------------------------------------------------
+
+# Entries a BaseVLMModule checkpoint carries beside its state_dict, so it exports without the world.
+BASE_CONFIG_KEY = "base_vlm_config"
+BASE_FILES_KEY = "base_vlm_files"
+
+
+def export_base_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
+    """Write the Hugging Face directory of a stage 0 Lightning checkpoint (any step, e.g. ``last.ckpt``)."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    for key in (BASE_CONFIG_KEY, BASE_FILES_KEY, "state_dict"):
+        if key not in checkpoint:
+            raise KeyError(f"{ckpt_path} has no {key!r}: not a stage 0 (BaseVLMModule) checkpoint")
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(checkpoint[BASE_CONFIG_KEY]))
+    prefix = "model."
+    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state, strict=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    for name, text in checkpoint[BASE_FILES_KEY].items():
+        (out_dir / name).write_text(text, encoding="utf-8")
+    return out_dir
+
+
+# ---- stage 1 -----------------------------------------------------------------------------------
+
+def load_vq(path: str | Path, flavour: str | None = None, map_location: str = "cpu") -> VQModel:
+    """A VQ ready for encoding from our Lightning checkpoint, a save_pretrained dir or reference weights."""
+    path = Path(path)
+    if path.is_file() and flavour is None:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        if isinstance(checkpoint, dict) and "hyper_parameters" in checkpoint and "state_dict" in checkpoint:
+            return _vq_from_lightning_checkpoint(checkpoint, str(path))
+        raise ValueError(
+            f"{path} is not a VQModule Lightning checkpoint; for reference-layout weights pass --flavour "
+            "(e.g. star-vq)"
+        )
+    model = VQModel.from_pretrained(path, flavour, map_location=map_location)
+    return model.eval()
+
+
+def _vq_from_lightning_checkpoint(checkpoint: dict, source: str) -> VQModel:
+    hparams = checkpoint["hyper_parameters"]
+    if "flavour" not in hparams:
+        raise KeyError(f"{source}: hyper_parameters have no 'flavour'; not a VQModule checkpoint")
+    state = checkpoint["state_dict"]
+    prefix = "ema_vq.module." if any(k.startswith("ema_vq.module.") for k in state) else "vq."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not weights:
+        raise KeyError(f"{source}: no '{prefix}*' weights in its state_dict")
+    model = VQModel(vq_config(hparams["flavour"], **(hparams.get("vq_overrides") or {})))
+    model.load_state_dict(weights, strict=True)
+    log.info("loaded %s weights (%s) from %s", "EMA" if prefix.startswith("ema") else "trained", hparams["flavour"], source)
+    # Encoding with a folded codebook gives the same codes and skips the projector on every batch.
+    model.fold_codebook_projector()
+    return model.eval()
+
+
+REFERENCE_VQ_FILE = "VQ-Model.pt"
+ExportFormat = Literal["reference", "safetensors", "both"]
+
+
+def export_vq(model: VQModel, out: str | Path, export_format: ExportFormat = "both") -> list[Path]:
+    """Write ``model`` as a reference ``VQ-Model.pt`` and/or ``model.safetensors`` + ``config.json``.
+
+    Every written file is reloaded strictly and compared tensor by tensor; returns the written paths.
+    """
+    if model.config.local_encoder and export_format != "safetensors":
+        raise ValueError("this VQ has a local encoder (VQConfig.local_encoder), which the reference code cannot "
+                         "build: a VQ-Model.pt would load into a different encoder; export as safetensors")
+    state = model.reference_state_dict()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    reloaded: list[tuple[Path, VQModel]] = []
+    if export_format in ("reference", "both"):
+        target = out / REFERENCE_VQ_FILE
+        torch.save(state, target)
+        written.append(target)
+        reloaded.append((target, VQModel.from_pretrained(target, model.exported_config())))
+    if export_format in ("safetensors", "both"):
+        model.save_pretrained(out)
+        written += [out / WEIGHTS_FILE, out / CONFIG_FILE]
+        reloaded.append((out, VQModel.from_pretrained(out)))
+    for source, copy in reloaded:
+        copy_state = copy.state_dict()
+        different = sorted(k for k in state if not torch.equal(state[k], copy_state[k].to(state[k].dtype)))
+        if different:
+            raise RuntimeError(f"export check failed: {source} reloads with different tensors {different[:10]}")
+    return written
+
+
+# ---- stage 2 -----------------------------------------------------------------------------------
+
+# Entries a StackedARModule checkpoint carries beside its (trainable-only) state_dict.
+FROZEN_CHECKSUMS_KEY = "frozen_checksums"
+IMAGE_SIZE_KEY = "image_size"
+STACKED_AR_CONFIG_KEY = "stacked_ar_config"
+STAGE2_STATE_PREFIX = "model.stacked_ar."
+# What rebuilds a StackedAR around its base and VQ (the fields of stacked_ar.json that are not derived).
+STACKED_AR_FIELDS = ("num_stack_layers", "adapter_depth", "stack_init", "stack_rope_theta", "base_path",
+                     "base_dtype", "vq_path", "vq_flavour")
+
+
+class FrozenWeightsChangedError(RuntimeError):
+    """Frozen weights (base VLM or VQ) differ from the ones a run or checkpoint was made with."""
+
+
+@dataclass
+class Stage2Weights:
+    """A loaded stage 2 model: the stack on its base, its VQ, where the base lives and the trained image size."""
+
+    stacked_ar: StackedAR
+    vq: VQModel
+    base_path: str
+    image_size: int | None
+
+
+# MM-MVR/STAR generates at --vq-image-size 384 (24 x 24 codes of a 16x VQ).
+REFERENCE_IMAGE_SIZE = 384
+
+
+def load_stage2(
+    ckpt: str | Path,
+    base: str | Path | None = None,
+    vq: str | Path | None = None,
+    vq_flavour: str | None = None,
+) -> Stage2Weights:
+    """Load a stage 2 checkpoint: a ``StackedARModule`` ``.ckpt`` or a ``save_stacked_ar`` directory.
+
+    ``base`` / ``vq`` override the recorded paths; the weights found there must still have the checksums
+    the checkpoint recorded (:class:`FrozenWeightsChangedError` otherwise). The image size is the recorded
+    one (None when nothing records it; 384 for an ``import-reference`` directory).
+    """
+    ckpt = Path(ckpt)
+    if ckpt.is_dir():
+        return _stage2_from_directory(ckpt, base, vq, vq_flavour)
+    if ckpt.is_file():
+        return _stage2_from_lightning_checkpoint(ckpt, base, vq, vq_flavour)
+    raise FileNotFoundError(f"no stage 2 checkpoint at {ckpt}")
+
+
+IMPORT_REPORT = "import_report.json"
+
+
+def _stage2_from_directory(directory: Path, base, vq, vq_flavour) -> Stage2Weights:
+    config_file = directory / STACKED_AR_CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{directory} has no {STACKED_AR_CONFIG}: not a save_stacked_ar / import-reference directory")
+    config = json.loads(config_file.read_text())
+    model = load_stacked_ar(directory, base_path=base)
+    vq_path = Path(vq) if vq is not None else directory / "vq"
+    if not vq_path.exists():
+        raise FileNotFoundError(f"no VQ for {directory}: it has no vq/ folder; pass vq (--vq)")
+    recorded_size = config.get("image_size")
+    if recorded_size is None and (directory / IMPORT_REPORT).is_file():
+        recorded_size = REFERENCE_IMAGE_SIZE
+    return Stage2Weights(model, load_vq(vq_path, vq_flavour), str(base or config["base_path"]), recorded_size)
+
+
+def _stage2_from_lightning_checkpoint(path: Path, base, vq, vq_flavour) -> Stage2Weights:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    if STACKED_AR_CONFIG_KEY in checkpoint:
+        config = dict(checkpoint[STACKED_AR_CONFIG_KEY])
+    else:  # written before the entry existed: the module's hyper-parameters hold the same fields
+        hparams = checkpoint.get("hyper_parameters", {})
+        config = {k: hparams.get(k) for k in STACKED_AR_FIELDS}
+        config["base_dtype"] = config["base_dtype"] or "float32"
+        config["stack_init"] = config["stack_init"] or "vlm"
+    missing = [k for k in ("num_stack_layers", "adapter_depth", "base_path", "vq_path") if config.get(k) is None]
+    if missing:
+        raise KeyError(f"{path}: no {STACKED_AR_CONFIG_KEY!r} entry and hyper_parameters lack {missing}; "
+                       "not a StackedARModule checkpoint")
+    if FROZEN_CHECKSUMS_KEY not in checkpoint:
+        raise KeyError(f"{path} has no {FROZEN_CHECKSUMS_KEY!r}: not a StackedARModule checkpoint")
+    base_path = str(base) if base is not None else config["base_path"]
+    if vq is not None:
+        config["vq_path"], config["vq_flavour"] = str(vq), vq_flavour
+    base_model = load_base_vlm(base_path, dtype=config["base_dtype"])
+    vq_model = load_vq(config["vq_path"], config["vq_flavour"])
+    loaded = {"base": base_state_checksum(base_model), "vq": base_state_checksum(vq_model)}
+    recorded = checkpoint[FROZEN_CHECKSUMS_KEY]
+    changed = [name for name in ("base", "vq") if recorded.get(name) != loaded[name]]
+    if changed:
+        paths = {"base": base_path, "vq": config["vq_path"]}
+        raise FrozenWeightsChangedError(
+            f"{path} was trained on different frozen weights than "
+            + ", ".join(f"{name} at {paths[name]}" for name in changed)
+            + "; point base / vq at the ones it was trained with"
+        )
+    # vlm init only builds the right structure; every trainable weight is overwritten below.
+    model = StackedAR(
+        base_model,
+        num_stack_layers=config["num_stack_layers"],
+        adapter_depth=config["adapter_depth"],
+        codebook_size=vq_model.config.codebook_size,
+        codebook_dim=vq_model.config.codebook_embed_dim,
+        dtype=torch.float32,
+        stack_rope_theta=config["stack_rope_theta"],
+    )
+    model.stack_init = config["stack_init"]
+    state = {k[len(STAGE2_STATE_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(STAGE2_STATE_PREFIX)}
+    model.load_trainable_state_dict(state)
+    recorded_size = (
+        checkpoint.get("hyper_parameters", {}).get("image_size")
+        or checkpoint.get(IMAGE_SIZE_KEY)
+        or checkpoint.get("datamodule_hyper_parameters", {}).get("resolution")
+    )
+    return Stage2Weights(model, vq_model, base_path, recorded_size)
+
+
+# ---- the released STAR checkpoints (reference layout) -------------------------------------------
+
+DIFFUSION_DECODER_WEIGHTS = "diffusion_decoder.safetensors"
+REPORT_FILE = "import_report.json"
+
+
+def read_reference_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load(path)['state_dict']``, memory-mapped so a 7B checkpoint is not read into RAM at once."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    payload = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        keys = sorted(payload)[:10] if isinstance(payload, dict) else type(payload).__name__
+        raise KeyMismatchError(f"{path}: expected a dict with a 'state_dict' entry (reference layout), got {keys}")
+    state = payload["state_dict"]
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise KeyMismatchError(f"{path}: non-tensor entries in state_dict: {bad[:20]}")
+    return state
+
+
+def import_reference(ckpt: Path, base_dir: Path, out: Path, vq_flavour: str) -> dict:
+    """Map ``ckpt`` onto our modules, write them to ``out`` and return the coverage report."""
+    state = read_reference_checkpoint(ckpt)
+    shape = infer_stack_shape(state)
+    parts = split_reference_state_dict(state)
+    llm_dtypes = {v.dtype for k, v in parts.stacked_ar.items() if k.startswith("base.")}
+    if len(llm_dtypes) > 1:
+        raise ValueError(f"{ckpt}: llm.* tensors mix dtypes {sorted(map(str, llm_dtypes))}")
+    base = load_base_vlm(base_dir, dtype=llm_dtypes.pop() if llm_dtypes else torch.float32)
+    model = StackedAR(
+        base,
+        num_stack_layers=shape.num_stack_layers,
+        adapter_depth=shape.adapter_depth,
+        codebook_size=shape.codebook_size,
+        codebook_dim=shape.codebook_dim,
+    )
+    stacked_ar_coverage(model, parts.stacked_ar).raise_if_incomplete()
+    differing = base_differences(model, parts.stacked_ar)
+    if differing:
+        raise ValueError(
+            f"{ckpt}: {len(differing)} llm.* tensors differ from the base in {base_dir} "
+            f"(first: {differing[:5]}); pass the Qwen2.5-VL directory the checkpoint was trained on"
+        )
+    coverage = {"stacked_ar": load_reference_into(model, parts.stacked_ar).as_dict()}
+    report: dict = {
+        "checkpoint": str(ckpt),
+        "base": str(base_dir),
+        "stack": vars(shape),
+        "keys_in_checkpoint": len(state),
+        "coverage": coverage,
+    }
+    save_stacked_ar(model, out, base_dir)
+
+    if parts.vq:
+        vq = VQModel(vq_config(vq_flavour, codebook_projector=False))
+        vq.load_reference_state_dict(parts.vq, source=f"{ckpt} pixel_encoder.*")
+        if (vq.config.codebook_size, vq.config.codebook_embed_dim) != (shape.codebook_size, shape.codebook_dim):
+            raise ValueError(
+                f"VQ codebook {vq.config.codebook_size} x {vq.config.codebook_embed_dim} does not match the "
+                f"pixel head/adapter ({shape.codebook_size} x {shape.codebook_dim})"
+            )
+        vq.save_pretrained(out / "vq")
+        # load_reference_state_dict above is strict, so every key matched
+        coverage["pixel_encoder"] = {"expected": len(vq.state_dict()), "matched": len(parts.vq)}
+    else:
+        coverage["pixel_encoder"] = {"expected": None, "matched": 0, "note": "no pixel_encoder.* keys in checkpoint"}
+
+    if parts.diffusion_decoder:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in parts.diffusion_decoder.items()}, str(out / DIFFUSION_DECODER_WEIGHTS))
+    report["diffusion_decoder"] = {
+        "keys": len(parts.diffusion_decoder),
+        "parameters": sum(v.numel() for v in parts.diffusion_decoder.values()),
+        "file": DIFFUSION_DECODER_WEIGHTS if parts.diffusion_decoder else None,
+    }
+    accounted = coverage["stacked_ar"]["matched"] + len(parts.vq) + len(parts.diffusion_decoder)
+    report["keys_accounted"] = accounted
+    report["keys_tied_aliases"] = len(state) - accounted
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
