@@ -1,18 +1,22 @@
-"""The ``python -m lit_star`` command line.
+"""The ``python -m lit_star`` command line: one table of every job.
 
     python -m lit_star --help
     python -m lit_star fit --config recipes/shapes/stage1_vq.yaml --config recipes/trainer/cpu.yaml
     python -m lit_star data shapes --out runs/shapes_world
+    python -m lit_star eval shapes --config my_eval.yaml --sampler.cfg_scale 4
 
-``fit``/``validate``/``test``/``predict`` go to :class:`lit_star.training.StarCLI` (LightningCLI).
-Every other subcommand is a job module exposing ``main(argv) -> int``; it is imported only
-when called, so ``--help`` stays fast.
+``fit``/``validate``/``test``/``predict`` go to :class:`lit_star.training.StarCLI` (LightningCLI). Every
+other job is a typed function served by jsonargparse, the machinery LightningCLI uses: its parameters
+and docstring make its options and ``--help``, and each job takes ``--config job.yaml`` (repeatable,
+later files and flags win) and ``--print_config``. A job's module is imported only when it runs, so
+``--help`` stays fast.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
+
+from lit_star.commands import COMMANDS, POSITIONAL_JOBS, job_function, resolve, usage
 
 TRAINER_SUBCOMMANDS = {
     "fit": "Train a stage from YAML recipes (--config a.yaml --config b.yaml, overrides win).",
@@ -21,48 +25,33 @@ TRAINER_SUBCOMMANDS = {
     "predict": "Run the predict loop of a stage from recipes and a checkpoint.",
 }
 
-# name -> (one-line help, "module:function")
-JOB_SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("Generate datasets: `data shapes --out DIR` writes the Shapes world.", "lit_star.commands.data:main"),
-    "eval": ("Score images: `eval shapes --prompts P.jsonl --images DIR` (or --ckpt to generate first).", "lit_star.commands.eval:main"),
-    "tokenize": ("Encode image shards into VQ code shards with a VQ checkpoint (resumable).", "lit_star.commands.tokenize:main"),
-    "export": ("Export a trained stage to the reference layout or safetensors + config.json.", "lit_star.commands.export:main"),
-    "import-reference": ("Import a released STAR checkpoint (reference layout) with exact key coverage.", "lit_star.commands.import_reference:main"),
-    "generate": ("Text-to-image with a stage 2 checkpoint (KV cache, CFG, top-k/top-p, reasoning).", "lit_star.commands.generate:main"),
-    "edit": ("Edit an image with an instruction using a stage 2 checkpoint.", "lit_star.commands.generate:edit_main"),
-    "understand": ("Answer a question about an image with the frozen base VLM.", "lit_star.commands.generate:understand_main"),
-    "bench": ("Benchmarks that print ratios against an in-run baseline (quantize, ar-loss, generate).", "lit_star.commands.bench:main"),
-    "curriculum": ("Run the whole Shapes curriculum end to end, resuming finished stages.", "lit_star.commands.curriculum:main"),
-}
 
+def run_job(path: list[str], target: str, argv: list[str]) -> int:
+    """Parse ``argv`` (``--config`` files and flags) against the job's signature and call it."""
+    from jsonargparse import CLI
 
-def _usage() -> str:
-    width = max(len(n) for n in [*TRAINER_SUBCOMMANDS, *JOB_SUBCOMMANDS]) + 2
-    lines = ["usage: python -m lit_star <subcommand> [options]", "", "subcommands:"]
-    for name, text in TRAINER_SUBCOMMANDS.items():
-        lines.append(f"  {name:<{width}}{text}")
-    for name, (text, _) in JOB_SUBCOMMANDS.items():
-        lines.append(f"  {name:<{width}}{text}")
-    lines += ["", "Run `python -m lit_star <subcommand> --help` for its options."]
-    return "\n".join(lines)
+    result = CLI(job_function(target), args=argv, prog=f"python -m lit_star {' '.join(path)}",
+                 as_positional=target in POSITIONAL_JOBS, parser_mode="omegaconf")
+    return int(result or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
+        trainer = {name: (text, "") for name, text in TRAINER_SUBCOMMANDS.items()}
+        print(usage("", {**trainer, **COMMANDS}))
         return 0
-    name, rest = argv[0], argv[1:]
-    if name in TRAINER_SUBCOMMANDS:
+    if argv[0] in TRAINER_SUBCOMMANDS:
         from lit_star.training import run_trainer_cli
 
         # LightningCLI warns when given args while sys.argv also holds some; let it read sys.argv then.
-        run_trainer_cli(None if from_command_line else [name, *rest])
+        run_trainer_cli(None if from_command_line else argv)
         return 0
-    if name not in JOB_SUBCOMMANDS:
-        print(f"lit_star: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
-    module_name, func_name = JOB_SUBCOMMANDS[name][1].split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    try:
+        path, target, rest = resolve(argv)
+    except LookupError as help_or_error:  # KeyError is a LookupError: an unknown word, or a group's --help
+        unknown = isinstance(help_or_error, KeyError)
+        print(help_or_error.args[0], file=sys.stderr if unknown else sys.stdout)
+        return 2 if unknown else 0
+    return run_job(path, target, rest)

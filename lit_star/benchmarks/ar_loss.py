@@ -17,7 +17,9 @@ Both variants' loss and gradients must agree within ``--tolerance`` (default 1e-
 
 from __future__ import annotations
 
-import argparse
+from types import SimpleNamespace
+from typing import Literal
+
 import json
 import subprocess
 import sys
@@ -35,7 +37,7 @@ from lit_star.models.sequence_layout import IGNORE_INDEX
 VARIANTS = ("one-shot", "chunked")
 
 
-def make_inputs(args: argparse.Namespace, device: str) -> tuple[torch.Tensor, torch.Tensor, nn.Linear]:
+def make_inputs(args: SimpleNamespace, device: str) -> tuple[torch.Tensor, torch.Tensor, nn.Linear]:
     """Stack output B x T x hidden, labels (prompt positions ignored), and a pixel head, all seeded."""
     gen = torch.Generator().manual_seed(args.seed)
     length = args.prompt_len + args.image_tokens
@@ -68,7 +70,7 @@ def _zero_grad_buffers(hidden: torch.Tensor, head: nn.Module) -> None:
         p.grad = torch.zeros_like(p)
 
 
-def run_child(variant: str, args: argparse.Namespace) -> int:
+def run_child(variant: str, args: SimpleNamespace) -> int:
     hidden, labels, head = make_inputs(args, args.device)
     warm_hidden = hidden[:1, -8:].detach().requires_grad_(True)
     loss_step(variant, warm_hidden, labels[:1, -8:], head, chunk_size=4)  # page in kernels on a tiny problem
@@ -97,11 +99,11 @@ def run_child(variant: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def run_variant(variant: str, args: argparse.Namespace, out: Path) -> dict:
+def run_variant(variant: str, args: SimpleNamespace, out: Path) -> dict:
     child = [
-        sys.executable, "-m", "lit_star.benchmarks.ar_loss", "--_child", variant, "--_child-out", str(out),
-        "--batch", str(args.batch), "--image-tokens", str(args.image_tokens), "--prompt-len", str(args.prompt_len),
-        "--hidden", str(args.hidden), "--classes", str(args.classes), "--chunk-size", str(args.chunk_size),
+        sys.executable, "-m", "lit_star", "bench", "ar-loss", "--child", variant, "--child_out", str(out),
+        "--batch", str(args.batch), "--image_tokens", str(args.image_tokens), "--prompt_len", str(args.prompt_len),
+        "--hidden", str(args.hidden), "--classes", str(args.classes), "--chunk_size", str(args.chunk_size),
         "--threads", str(args.threads), "--device", args.device, "--seed", str(args.seed),
     ]
     result = subprocess.run(child, capture_output=True, text=True, check=False)
@@ -114,21 +116,37 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lit_star bench ar-loss", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--image-tokens", type=int, default=576, help="labelled positions per row (24 x 24 codes)")
-    parser.add_argument("--prompt-len", type=int, default=32, help="unlabelled prompt positions per row")
-    parser.add_argument("--hidden", type=int, default=2048, help="LLM hidden size (2048 for STAR-3B)")
-    parser.add_argument("--classes", type=int, default=65536, help="codebook size")
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
-    parser.add_argument("--tolerance", type=float, default=1e-5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--_child", dest="child", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--_child-out", dest="child_out", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+def bench(
+    batch: int = 8,
+    image_tokens: int = 576,
+    prompt_len: int = 32,
+    hidden: int = 2048,
+    classes: int = 65536,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    tolerance: float = 1e-5,
+    threads: int = 1,
+    device: str = "cpu",
+    seed: int = 0,
+    child: Literal["one-shot", "chunked"] | None = None,
+    child_out: str | None = None,
+) -> int:
+    """Chunked image-token cross-entropy vs one-shot logits: peak memory, time and equality.
+
+    Args:
+        batch: rows.
+        image_tokens: labelled positions per row (24 x 24 codes).
+        prompt_len: unlabelled prompt positions per row.
+        hidden: LLM hidden size (2048 for STAR-3B).
+        classes: codebook size.
+        chunk_size: positions whose logits exist at once in the chunked loss.
+        tolerance: largest difference allowed between the two losses and gradients.
+        threads: torch intra-op threads.
+        device: cpu, cuda, ...
+        seed: seed of the random inputs.
+        child: internal: run one variant in this (child) process.
+        child_out: internal: where the child writes its loss and gradients.
+    """
+    args = SimpleNamespace(**locals())
     torch.set_num_threads(args.threads)
     if args.child:
         return run_child(args.child, args)
@@ -162,6 +180,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"equal within {args.tolerance}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,15 +25,18 @@ shared machine do not inflate the numbers; otherwise wall time (after ``torch.cu
 
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from types import SimpleNamespace
+from typing import Literal
 
 import torch
 
 from lit_star.benchmarks import finish
-from lit_star.models.base_vlm import TinyBaseSpec, build_tiny_base_vlm, tiny_spec
+from lit_star.models.base_vlm import build_tiny_base_vlm, tiny_spec
+from lit_star.models.flavours import STACK_FLAVOURS
 from lit_star.models.sequence_layout import SequenceLayout
 from lit_star.models.stacked_ar import StackedAR
 from lit_star.models.tokenizer import train_qwen2_tokenizer
@@ -55,25 +58,9 @@ SCALING_TOKENS = {"tiny": 256, "mid": 64}
 FILTER_VOCAB = 65536
 
 
-@dataclass(frozen=True)
-class BenchFlavour:
-    base: str | TinyBaseSpec
-    num_stack_layers: int
-    adapter_depth: int
-    codebook_size: int
-    codebook_dim: int
+# The stack flavours (lit_star.models.flavours) this bench runs; their bases are tiny ones.
+FLAVOURS = ("tiny", "mid")
 
-
-FLAVOURS: dict[str, BenchFlavour] = {
-    # The Shapes world stack: tiny base (128 wide, 4 layers), 2 stacked layers, the tiny VQ's 1,024 x 16 codes.
-    "tiny": BenchFlavour("tiny", num_stack_layers=2, adapter_depth=2, codebook_size=1024, codebook_dim=16),
-    # ~60M parameters: 512 wide, 8 base layers + 4 stacked, a 16,384 x 8 codebook (LlamaGen VQ-16 size).
-    "mid": BenchFlavour(
-        TinyBaseSpec(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                     num_key_value_heads=2, max_position_embeddings=4096),
-        num_stack_layers=4, adapter_depth=2, codebook_size=16384, codebook_dim=8,
-    ),
-}
 
 PROMPTS = [
     "a red circle above a blue square",
@@ -99,11 +86,11 @@ class Bench:
     """One flavour's model, codebook and prompt prefixes."""
 
     def __init__(self, name: str, device: torch.device, dtype: torch.dtype, seed: int) -> None:
-        flavour = FLAVOURS[name]
+        flavour = STACK_FLAVOURS[name]
         self.name = name
         tokenizer = train_qwen2_tokenizer(PROMPTS * 8, vocab_size=400, min_frequency=1)
         torch.manual_seed(seed)
-        base = build_tiny_base_vlm(tokenizer, flavour.base).to(device=device, dtype=dtype).eval()
+        base = build_tiny_base_vlm(tokenizer, flavour.base_architecture).to(device=device, dtype=dtype).eval()
         self.model = StackedAR(
             base, flavour.num_stack_layers, flavour.adapter_depth, flavour.codebook_size, flavour.codebook_dim,
             dtype=dtype,
@@ -112,7 +99,7 @@ class Bench:
         self.layout = SequenceLayout(tokenizer, base.config)
         self.device = device
         self.clock = _clock(device)
-        spec = tiny_spec(flavour.base)
+        spec = tiny_spec(flavour.base_architecture)
         params = sum(p.numel() for p in self.model.parameters())
         self.description = (f"{name}: hidden {spec.hidden_size}, {spec.num_hidden_layers} base + "
                             f"{flavour.num_stack_layers} stacked layers, {flavour.codebook_size} codes, "
@@ -212,28 +199,53 @@ def bench_batch_scaling(bench: Bench, args, sampler: SamplerConfig, options: Dec
     return result
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lit_star bench generate", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--flavours", nargs="+", default=list(FLAVOURS), choices=list(FLAVOURS))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=1, help="images for (a) and (b); x2 rows with guidance")
-    parser.add_argument("--recompute-tokens", type=int, help=f"(a) tokens per image (default {RECOMPUTE_TOKENS})")
-    parser.add_argument("--image-tokens", type=int, help=f"(d) tokens per image (default {SCALING_TOKENS})")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16], help="(d) images per batch")
-    parser.add_argument("--filter-rows", type=int, default=16, help="(c) rows of 65,536 logits")
-    parser.add_argument("--top-k", type=int, default=1000)
-    parser.add_argument("--top-p", type=float, default=0.8)
-    parser.add_argument("--cfg", type=float, default=3.0)
-    parser.add_argument("--repeats", type=int, default=5, help="(c) timed rounds (best is reported)")
-    parser.add_argument("--static-cache", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
-    parser.add_argument("--compile-mode", default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args(argv)
+def bench(
+    flavours: list[str] = list(FLAVOURS),
+    device: str = "cpu",
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    threads: int = 1,
+    batch: int = 1,
+    recompute_tokens: int | None = None,
+    image_tokens: int | None = None,
+    batch_sizes: list[int] = [1, 4, 16],
+    filter_rows: int = 16,
+    top_k: int = 1000,
+    top_p: float = 0.8,
+    cfg: float = 3.0,
+    repeats: int = 5,
+    static_cache: bool = False,
+    compile: bool = False,
+    compile_mode: str | None = None,
+    seed: int = 0,
+    json: str | None = None,
+) -> int:
+    """KV-cached decoding vs prefix recompute, the top-k-first filter, and batch scaling (see the module docstring).
+
+    Args:
+        flavours: model sizes to run (keys of ``FLAVOURS``).
+        device: cpu, cuda, ...
+        dtype: the models' dtype.
+        threads: torch intra-op threads.
+        batch: images for (a) and (b); x2 rows with guidance.
+        recompute_tokens: (a) tokens per image (default per flavour, ``RECOMPUTE_TOKENS``).
+        image_tokens: (d) tokens per image (default per flavour, ``SCALING_TOKENS``).
+        batch_sizes: (d) images per batch.
+        filter_rows: (c) rows of 65,536 logits.
+        top_k: sampler top-k.
+        top_p: sampler top-p.
+        cfg: guidance weight.
+        repeats: (c) timed rounds (the best is reported).
+        static_cache: preallocated KV caches, fixed-shape steps.
+        compile: torch.compile the decode step (GPU).
+        compile_mode: torch.compile mode, e.g. reduce-overhead.
+        seed: seed of models and inputs.
+        json: also write the results here.
+    """
+    args = SimpleNamespace(**locals())
+    unknown = sorted(set(flavours) - set(FLAVOURS))
+    if unknown:
+        print(f"bench generate: unknown flavours {unknown}; choose from {sorted(FLAVOURS)}", file=sys.stderr)
+        return 2
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

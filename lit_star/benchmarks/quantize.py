@@ -15,7 +15,9 @@ The codes of both variants must be identical; the command exits 1 otherwise.
 
 from __future__ import annotations
 
-import argparse
+from types import SimpleNamespace
+from typing import Literal
+
 import json
 import subprocess
 import sys
@@ -24,7 +26,8 @@ import time
 import torch
 
 from lit_star.benchmarks.memory import proc_status_bytes, reset_peak_rss
-from lit_star.models.vq import DEFAULT_SEARCH_CHUNK_ELEMENTS, nearest_code_indices
+from lit_star.models.quantizer import nearest_code_indices
+from lit_star.models.vq_config import DEFAULT_SEARCH_CHUNK_ELEMENTS
 
 TOKENS_PER_IMAGE = 576  # 384 px / 16 = 24 x 24
 VARIANTS = ("repeat", "chunked")
@@ -64,7 +67,7 @@ def _run_variant(variant: str, z: torch.Tensor, codebook: torch.Tensor, chunk_el
     return chunked_search(z, codebook, chunk_elements)
 
 
-def measure_peak_extra_bytes(variant: str, args: argparse.Namespace, batch: int) -> int:
+def measure_peak_extra_bytes(variant: str, args: SimpleNamespace, batch: int) -> int:
     """Peak memory the variant adds on top of its resident inputs (see module docstring)."""
     if args.device.startswith("cuda"):
         z, codebook = make_inputs(batch, args.codebook_size, args.dim, args.device, args.seed)
@@ -74,16 +77,16 @@ def measure_peak_extra_bytes(variant: str, args: argparse.Namespace, batch: int)
         _run_variant(variant, z, codebook, args.chunk_elements)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    child = [sys.executable, "-m", "lit_star.benchmarks.quantize", "--_peak-memory-child", variant,
-             "--batch-sizes", str(batch), "--threads", str(args.threads), "--codebook-size", str(args.codebook_size),
-             "--dim", str(args.dim), "--chunk-elements", str(args.chunk_elements), "--seed", str(args.seed)]
+    child = [sys.executable, "-m", "lit_star", "bench", "quantize", "--peak_memory_child", variant,
+             "--batch_sizes", f"[{batch}]", "--threads", str(args.threads), "--codebook_size", str(args.codebook_size),
+             "--dim", str(args.dim), "--chunk_elements", str(args.chunk_elements), "--seed", str(args.seed)]
     result = subprocess.run(child, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"peak-memory child for {variant!r} failed:\n{result.stderr}")
     return int(json.loads(result.stdout.strip().splitlines()[-1])["peak_extra_bytes"])
 
 
-def _peak_memory_child(variant: str, args: argparse.Namespace) -> int:
+def _peak_memory_child(variant: str, args: SimpleNamespace) -> int:
     z, codebook = make_inputs(args.batch_sizes[0], args.codebook_size, args.dim, "cpu", args.seed)
     # Page in the code both variants run (BLAS kernels) on a tiny problem, so that only data is measured.
     _run_variant(variant, z[:1, :8], codebook[:256], args.chunk_elements)
@@ -95,7 +98,7 @@ def _peak_memory_child(variant: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def time_variants(z: torch.Tensor, codebook: torch.Tensor, args: argparse.Namespace) -> dict[str, tuple[float, torch.Tensor]]:
+def time_variants(z: torch.Tensor, codebook: torch.Tensor, args: SimpleNamespace) -> dict[str, tuple[float, torch.Tensor]]:
     """Best wall time and codes per variant. Runs alternate between the variants so that load from other
     processes on a shared machine hits both alike; the first round is a warm-up."""
     best = {variant: float("inf") for variant in VARIANTS}
@@ -115,20 +118,31 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:9.1f} MiB"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lit_star bench quantize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
-    parser.add_argument("--codebook-size", type=int, default=65536)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--chunk-elements", type=int, default=DEFAULT_SEARCH_CHUNK_ELEMENTS,
-                        help="bound on one distance tile (rows x codes) of our search")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (best is reported)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--_peak-memory-child", dest="peak_memory_child", choices=VARIANTS,
-                        help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+def bench(
+    batch_sizes: list[int] = [1, 4, 16],
+    threads: int = 1,
+    codebook_size: int = 65536,
+    dim: int = 512,
+    chunk_elements: int = DEFAULT_SEARCH_CHUNK_ELEMENTS,
+    repeats: int = 3,
+    device: str = "cpu",
+    seed: int = 0,
+    peak_memory_child: Literal["repeat", "chunked"] | None = None,
+) -> int:
+    """Nearest-code search: ours (chunked) vs the reference's repeat-the-codebook search; time, memory, equality.
+
+    Args:
+        batch_sizes: images per timed batch.
+        threads: torch intra-op threads (CPU).
+        codebook_size: codes in the codebook.
+        dim: code dimension.
+        chunk_elements: bound on one distance tile (rows x codes) of our search.
+        repeats: timed runs per variant (the best is reported).
+        device: cpu, cuda, ...
+        seed: seed of the random inputs.
+        peak_memory_child: internal: measure one variant's peak memory in this (child) process.
+    """
+    args = SimpleNamespace(**locals())
     torch.set_num_threads(args.threads)
     if args.peak_memory_child:
         return _peak_memory_child(args.peak_memory_child, args)
@@ -158,6 +172,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

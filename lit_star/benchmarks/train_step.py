@@ -18,7 +18,10 @@ their ratio. The two copies must give the same first loss within 1e-5 and stay w
 
 from __future__ import annotations
 
-import argparse
+import sys
+from types import SimpleNamespace
+from typing import Literal
+
 import copy
 import random
 import statistics
@@ -27,11 +30,12 @@ import time
 import torch
 
 from lit_star.benchmarks import finish
-from lit_star.benchmarks.generate import FLAVOURS, _sync
+from lit_star.benchmarks.generate import _sync
 from lit_star.worlds.shapes.generator import sample_prompt
 from lit_star.worlds.shapes.world import GENEVAL_CATEGORIES
 from lit_star.distributed.plans import compile_modules, require_compile_toolchain
 from lit_star.models.base_vlm import build_tiny_base_vlm, decoder_layers
+from lit_star.models.flavours import STACK_FLAVOURS
 from lit_star.models.sequence_layout import SequenceLayout, collate_padded
 from lit_star.models.stacked_ar import StackedAR
 from lit_star.models.tokenizer import train_qwen2_tokenizer
@@ -62,32 +66,47 @@ class Trainee:
         return loss.item()
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lit_star bench train-step", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the frozen base's dtype")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (the curriculum's stage 2 has 2)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--stack-layers", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps of each copy, after the warm-up")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each copy (the first compiles)")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--tolerance", type=float, default=1e-3, help="largest relative loss difference allowed")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args(argv)
+def bench(
+    device: str = "cpu",
+    dtype: Literal["float32", "bfloat16"] = "float32",
+    threads: int = 2,
+    batch: int = 16,
+    stack_layers: int = 4,
+    steps: int = 20,
+    warmup: int = 3,
+    lr: float = 2e-3,
+    tolerance: float = 1e-3,
+    seed: int = 0,
+    json: str | None = None,
+) -> int:
+    """Stage 2 training step: an eager and a compiled copy of one stack on the same batches, steps alternating.
+
+    Args:
+        device: cpu, cuda, ...
+        dtype: the frozen base's dtype.
+        threads: CPU threads (the curriculum's stage 2 has 2).
+        batch: samples per step.
+        stack_layers: stacked layers on the tiny base.
+        steps: timed steps of each copy, after the warm-up.
+        warmup: untimed steps of each copy (the first compiles).
+        lr: AdamW learning rate of both copies.
+        tolerance: largest relative loss difference allowed.
+        seed: seed of models and batches.
+        json: also write the results here.
+    """
+    args = SimpleNamespace(**locals())
     if args.steps < 1 or args.warmup < 1:
-        parser.error("--steps and --warmup must be >= 1")
+        print("bench train-step: --steps and --warmup must be >= 1", file=sys.stderr)
+        return 2
     require_compile_toolchain("bench train-step")
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    flavour = FLAVOURS["tiny"]
+    flavour = STACK_FLAVOURS["tiny"]
     captions = shapes_captions(512, args.seed)
     tokenizer = train_qwen2_tokenizer(captions, vocab_size=400, min_frequency=1)
     torch.manual_seed(args.seed)
-    base = build_tiny_base_vlm(tokenizer, flavour.base).to(device=device, dtype=getattr(torch, args.dtype))
+    base = build_tiny_base_vlm(tokenizer, flavour.base_architecture).to(device=device, dtype=getattr(torch, args.dtype))
     eager_model = StackedAR(base, args.stack_layers, flavour.adapter_depth, flavour.codebook_size, flavour.codebook_dim)
     eager_model = eager_model.to(device)
     compiled_model = copy.deepcopy(eager_model)

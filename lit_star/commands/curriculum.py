@@ -1,10 +1,12 @@
 """Run a multi-stage curriculum (the Shapes world end to end) with resumable steps.
 
     python -m lit_star curriculum recipes/shapes/curriculum.yaml
-    python -m lit_star curriculum recipes/shapes/curriculum.yaml recipes/shapes/curriculum_smoke.yaml --run-dir /tmp/cur
+    python -m lit_star curriculum recipes/shapes/curriculum.yaml --overlays [recipes/shapes/curriculum_smoke.yaml] --run_dir /tmp/cur
 
 A curriculum YAML has a ``run_dir``, a CPU thread budget ``threads`` and a mapping ``steps``. Each step is
-one ``python -m lit_star ...`` invocation (``argv`` + ``extra_args``) and the ``output`` it must leave.
+one ``python -m lit_star ...`` invocation and the ``output`` it must leave: either a ``job`` (``"eval shapes"``)
+with its ``config`` (the job's parameters as a mapping, written to ``<run_dir>/configs/<step>.yaml`` and passed
+as ``--config``; an overlay can change one parameter), or an ``argv`` list (``fit`` steps), plus ``extra_args``.
 A step starts once the earlier steps it names in ``after`` are done (default: the step before it) and
 its ``threads`` (default: all of them) are free, so independent steps that use fewer threads than the
 machine has run side by side. Each step gets ``OMP_NUM_THREADS`` = its threads and runs on a
@@ -26,7 +28,6 @@ to every step (the Shapes recipes take their world and run directories from ``SH
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import os
@@ -62,9 +63,12 @@ def load_curriculum(paths: list[str], run_dir: str | None = None) -> DictConfig:
     total_threads = int(config.get("threads", os.cpu_count() or 1))
     earlier: list[str] = []
     for name, step in config.steps.items():
-        for key in ("argv", "output"):
-            if key not in step:
-                raise KeyError(f"curriculum step {name!r} lacks {key!r}")
+        if "output" not in step:
+            raise KeyError(f"curriculum step {name!r} lacks 'output'")
+        if ("argv" in step) == ("job" in step):
+            raise KeyError(f"curriculum step {name!r} needs either 'argv' or 'job' (with its 'config'), not both")
+        if "job" in step:
+            _check_job(name, str(step.job))
         for needed in step_dependencies(config, name):
             if needed not in earlier:
                 where = "is not a step" if needed not in config.steps else "comes later in the file"
@@ -86,6 +90,27 @@ def load_curriculum(paths: list[str], run_dir: str | None = None) -> DictConfig:
         earlier.append(name)
     OmegaConf.resolve(config)
     return config
+
+
+def _check_job(step: str, job: str) -> None:
+    """A step's ``job`` must name a job of ``python -m lit_star`` (checked before any step runs)."""
+    from lit_star.commands import resolve
+
+    try:
+        resolve(job.split())
+    except LookupError as err:
+        raise KeyError(f"curriculum step {step!r}: job {job!r} is not a lit_star job\n{err.args[0]}") from None
+
+
+def step_arguments(config: DictConfig, name: str) -> list[str]:
+    """The ``python -m lit_star`` arguments of step ``name``; a ``job`` step's config is written first."""
+    step = config.steps[name]
+    if "job" not in step:
+        return [str(a) for a in [*step.argv, *step.get("extra_args", [])]]
+    config_path = Path(config.run_dir) / "configs" / f"{name}.yaml"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(step.get("config", {}), config_path)
+    return [*str(step.job).split(), "--config", str(config_path), *[str(a) for a in step.get("extra_args", [])]]
 
 
 def step_dependencies(config: DictConfig, name: str) -> list[str]:
@@ -265,7 +290,7 @@ def run_curriculum(config: DictConfig, only: list[str] | None = None, log=_print
             threads = int(step.get("threads", total_threads))
             if threads > free:
                 break
-            argv = [str(a) for a in [*step.argv, *step.get("extra_args", [])]]
+            argv = step_arguments(config, name)
             if step.get("resume_when") and Path(step.resume_when).exists():
                 argv += [str(a) for a in step.get("resume_args", [])]
             log_path = run_dir / "logs" / f"{name}.log"
@@ -325,16 +350,19 @@ def run_curriculum(config: DictConfig, only: list[str] | None = None, log=_print
     return timings
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lit_star curriculum", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("configs", nargs="+", help="curriculum YAML files, merged in order")
-    parser.add_argument("--run-dir", help="override the run_dir of the YAML")
-    parser.add_argument("--only", nargs="*", help="run only these step names")
-    args = parser.parse_args(argv)
-    config = load_curriculum(args.configs, args.run_dir)
-    timings = run_curriculum(config, args.only)
-    report = write_report(config, timings)
+def curriculum(recipe: str, overlays: list[str] = [], run_dir: str | None = None, only: list[str] | None = None) -> int:
+    """Run a curriculum YAML end to end, resuming finished steps; write ``<run_dir>/report.md``.
+
+    Args:
+        recipe: the curriculum YAML (positional), e.g. ``recipes/shapes/curriculum.yaml``.
+        overlays: YAML files merged over it in order (OmegaConf, so a step can be changed in part),
+            e.g. ``--overlays [recipes/shapes/curriculum_smoke.yaml]``.
+        run_dir: override the ``run_dir`` of the YAML.
+        only: run only these step names, e.g. ``--only [world,tokenize]``.
+    """
+    merged = load_curriculum([recipe, *overlays], run_dir)
+    timings = run_curriculum(merged, only)
+    report = write_report(merged, timings)
     _print_now(f"[curriculum] report: {report}")
     return 0
 

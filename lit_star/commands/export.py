@@ -15,65 +15,49 @@ A VQ with ``local_encoder`` (the Shapes recipe's) exports as safetensors only: t
 build its global encoder around a ``VQ-Model.pt``.
 
 Every written file is reloaded strictly and compared tensor by tensor before the command succeeds.
-Other stages register their own kind in ``EXPORTS``.
+Other stages add their own kind to the ``export`` group of :data:`lit_star.cli.COMMANDS`.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
-
-from lit_star.commands._dispatch import dispatch
-
-log = logging.getLogger(__name__)
-
-EXPORTS = {
-    "vq": ("STAR-VQ tokenizer: reference-layout VQ-Model.pt and/or safetensors + config.json.",
-           "lit_star.commands.export:export_vq"),
-    "base": ("Stage 0 base VLM: a Hugging Face Qwen2.5-VL directory rebuilt from a BaseVLMModule checkpoint.",
-             "lit_star.commands.export:export_base"),
-}
+from typing import Literal
 
 
-def export_vq(argv: list[str]) -> int:
-    from lit_star.checkpoints import export_vq as write_vq
-    from lit_star.checkpoints import load_vq
+def vq(ckpt: str, out: str, flavour: str | None = None, format: Literal["reference", "safetensors", "both"] = "both") -> int:
+    """Export the STAR-VQ tokenizer (EMA weights when the checkpoint has them, codebook projector folded in).
 
-    parser = argparse.ArgumentParser(prog="python -m lit_star export vq", description="Export the STAR-VQ tokenizer.")
-    parser.add_argument("--ckpt", required=True,
-                        help="VQModule Lightning checkpoint, save_pretrained directory or reference-layout .pt")
-    parser.add_argument("--flavour", default=None, help="VQ flavour of a reference-layout .pt (e.g. star-vq)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--format", choices=["reference", "safetensors", "both"], default="both")
-    args = parser.parse_args(argv)
+    Args:
+        ckpt: VQModule Lightning checkpoint, save_pretrained directory or reference-layout .pt.
+        out: output directory.
+        flavour: VQ flavour of a reference-layout .pt (e.g. star-vq).
+        format: ``reference`` (VQ-Model.pt), ``safetensors`` (model.safetensors + config.json) or ``both``.
+    """
+    import logging
+    import sys
 
-    model = load_vq(args.ckpt, args.flavour)
+    from lit_star.checkpoints import export_vq, load_vq
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    model = load_vq(ckpt, flavour)
     try:
-        written = write_vq(model, args.out, args.format)
+        written = export_vq(model, out, format)
     except ValueError as err:
-        parser.error(f"{args.ckpt}: {err}")
-    print(f"exported VQ ({len(model.reference_state_dict())} tensors, projector folded) from {args.ckpt}:")
+        print(f"export vq: {ckpt}: {err}", file=sys.stderr)
+        return 2
+    print(f"exported VQ ({len(model.reference_state_dict())} tensors, projector folded) from {ckpt}:")
     for path in written:
         print(f"  {path}")
     return 0
 
 
-def export_base(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lit_star export base")
-    parser.add_argument("--ckpt", required=True, help="BaseVLMModule checkpoint (e.g. runs/shapes/stage0_base/checkpoints/last.ckpt)")
-    parser.add_argument("--out", required=True, help="output Hugging Face directory")
-    args = parser.parse_args(argv)
+def base(ckpt: str, out: str) -> int:
+    """Write the Hugging Face Qwen2.5-VL directory of a stage 0 (BaseVLMModule) checkpoint.
+
+    Args:
+        ckpt: BaseVLMModule checkpoint (e.g. runs/shapes/stage0_base/checkpoints/last.ckpt).
+        out: output Hugging Face directory.
+    """
     from lit_star.checkpoints import export_base_checkpoint
 
-    print(f"wrote {export_base_checkpoint(args.ckpt, args.out)}")
+    print(f"wrote {export_base_checkpoint(ckpt, out)}")
     return 0
-
-
-def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return dispatch("export", EXPORTS, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

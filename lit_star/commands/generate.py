@@ -1,10 +1,10 @@
 """Sample a stage 2 checkpoint: text-to-image, editing and understanding.
 
     python -m lit_star generate --ckpt runs/stage2/last.ckpt --prompt "a red circle above a blue square" --out samples
-    python -m lit_star generate --ckpt runs/star3b --prompts prompts.jsonl --out samples --cfg 3 --topk 1000 --topp 0.8 \\
-        --seed 0 --batch-size 8
+    python -m lit_star generate --ckpt runs/star3b --prompts prompts.jsonl --out samples --sampler.cfg_scale 3 \\
+        --sampler.top_k 1000 --sampler.top_p 0.8 --seed 0 --batch_size 8
     python -m lit_star generate --ckpt runs/stage2/last.ckpt --prompt "the colour of a lemon, the shape of the sun" \\
-        --reasoning --out samples
+        --reasoning true --out samples
     python -m lit_star edit --ckpt runs/stage2/last.ckpt --image in.png --instruction "make the circle green" --out edits
     python -m lit_star understand --ckpt runs/stage2/last.ckpt --image in.png --question "How many circles are there?"
 
@@ -13,26 +13,20 @@ directory (see :mod:`lit_star.sampling.loading`). ``--prompts`` is JSONL, one ``
 "seed": ...}`` per line (``id`` and ``seed`` optional). Images go to ``OUT/<id>.png`` and every generated
 item, with the settings used, to ``OUT/generations.jsonl`` (``edits.jsonl``, ``answers.jsonl``).
 Sample i is drawn with seed ``--seed + i`` unless its record gives one, so a seed reproduces its image at
-any ``--batch-size``.
+any ``--batch_size``. Each job also takes ``--config job.yaml``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
-from lit_star.commands.options import (
-    add_model_args,
-    add_sampler_args,
-    decode_options_from_args,
-    load_from_args,
-    sampler_from_args,
-)
+from lit_star.commands.options import ModelOverrides, load_model
+from lit_star.sampling.decoding import DecodeOptions
+from lit_star.sampling.filtering import SamplerConfig
 from lit_star.sampling.generations import (
     assign_ids_and_seeds,
     batches,
@@ -51,119 +45,159 @@ from lit_star.sampling.modes import (
 )
 
 
-def _load_for_drawing(args: argparse.Namespace, command: str) -> Star | None:
+def _load_for_drawing(ckpt: str, model: ModelOverrides, command: str) -> Star | None:
     """The checkpoint, or None after telling the user it lacks the image size that drawing needs."""
-    star = load_from_args(args)
+    star = load_model(ckpt, model)
     if star.image_size is None:
-        print(f"{command}: {args.ckpt} does not record its image size; pass --image-size", file=sys.stderr)
+        print(f"{command}: {ckpt} does not record its image size; pass --model.image_size", file=sys.stderr)
         return None
     return star
 
 
-def main(argv: list[str]) -> int:
-    """``python -m lit_star generate``: text-to-image (optionally with implicit reasoning)."""
-    parser = argparse.ArgumentParser(prog="python -m lit_star generate", description=__doc__.split("\n\n")[0])
-    add_model_args(parser)
-    add_sampler_args(parser)
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    parser.add_argument("--prompts", help="JSONL file of {'prompt', 'id'?, 'seed'?} records")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--reasoning", action="store_true", help="the base answers the prompt first; its answer is drawn")
-    parser.add_argument("--reasoning-suffix", default=REFERENCE_REASONING_SUFFIX,
-                        help="appended to the base's answer (the reference's quality phrase by default)")
-    parser.add_argument("--max-answer-tokens", type=int, default=64)
-    args = parser.parse_args(argv)
+def generate(
+    ckpt: str,
+    out: str,
+    prompt: str | list[str] | None = None,
+    prompts: str | None = None,
+    model: ModelOverrides = ModelOverrides(),
+    sampler: SamplerConfig = SamplerConfig(),
+    decode: DecodeOptions = DecodeOptions(),
+    seed: int = 0,
+    batch_size: int = 8,
+    reasoning: bool = False,
+    reasoning_suffix: str = REFERENCE_REASONING_SUFFIX,
+    max_answer_tokens: int = 64,
+) -> int:
+    """Text-to-image with a stage 2 checkpoint, optionally with implicit reasoning.
 
+    Args:
+        ckpt: stage 2 checkpoint (Lightning .ckpt or save_stacked_ar/import-reference directory).
+        out: output folder (``<id>.png`` and ``generations.jsonl``).
+        prompt: a prompt (``--prompt "a red circle"``) or a list of them (``--prompt '[a red circle, a blue star]'``).
+        prompts: JSONL file of ``{"prompt", "id"?, "seed"?}`` records.
+        model: overrides of what the checkpoint records.
+        sampler: how each image token is drawn.
+        decode: how the decode loop runs.
+        seed: sample i uses seed + i unless its record sets one.
+        batch_size: samples decoded together (x2 rows with guidance).
+        reasoning: the base answers the prompt first; its answer is drawn.
+        reasoning_suffix: appended to the base's answer (the reference's quality phrase by default).
+        max_answer_tokens: the base's answer budget with ``reasoning``.
+    """
     try:
-        records = [{"prompt": p} for p in args.prompt] + (read_prompt_records(args.prompts) if args.prompts else [])
+        given = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        records = [{"prompt": p} for p in given] + (read_prompt_records(prompts) if prompts else [])
         if not records:
             raise ValueError("give --prompt and/or --prompts")
-        records = assign_ids_and_seeds(records, args.seed)
-        sampler = sampler_from_args(args)
-        check_batch_size(args.batch_size)
+        records = assign_ids_and_seeds(records, seed)
+        check_batch_size(batch_size)
     except (OSError, ValueError) as err:
         print(f"generate: {err}", file=sys.stderr)
         return 2
-    star = _load_for_drawing(args, "generate")
+    star = _load_for_drawing(ckpt, model, "generate")
     if star is None:
         return 2
     write_generations(
-        star, records, args.out, sampler, decode_options_from_args(args), args.batch_size,
-        reasoning_suffix=args.reasoning_suffix if args.reasoning else None,
-        max_answer_tokens=args.max_answer_tokens, extra_settings={"ckpt": str(args.ckpt)},
+        star, records, Path(out), sampler, decode, batch_size,
+        reasoning_suffix=reasoning_suffix if reasoning else None,
+        max_answer_tokens=max_answer_tokens, extra_settings={"ckpt": str(ckpt)},
     )
-    print(f"wrote {len(records)} image(s) and generations.jsonl to {args.out}")
+    print(f"wrote {len(records)} image(s) and generations.jsonl to {out}")
     return 0
 
 
-def _open_image(path: str) -> Image.Image:
+def _open_image(path: str):
     from lit_star.data.images import decode_image
 
     return decode_image(Path(path).read_bytes())
 
 
-def edit_main(argv: list[str]) -> int:
-    """``python -m lit_star edit``: edit one image with an instruction."""
-    parser = argparse.ArgumentParser(prog="python -m lit_star edit", description="Edit an image with an instruction.")
-    add_model_args(parser)
-    add_sampler_args(parser)
-    parser.add_argument("--image", required=True, help="source image")
-    parser.add_argument("--instruction", required=True)
-    parser.add_argument("--num-images", type=int, default=1, help="edits to draw (seeds --seed, --seed + 1, ...)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    args = parser.parse_args(argv)
+def edit(
+    ckpt: str,
+    image: str,
+    instruction: str,
+    out: str,
+    num_images: int = 1,
+    model: ModelOverrides = ModelOverrides(),
+    sampler: SamplerConfig = SamplerConfig(),
+    decode: DecodeOptions = DecodeOptions(),
+    seed: int = 0,
+    batch_size: int = 8,
+) -> int:
+    """Edit one image with an instruction using a stage 2 checkpoint.
+
+    Args:
+        ckpt: stage 2 checkpoint (Lightning .ckpt or save_stacked_ar/import-reference directory).
+        image: source image.
+        instruction: what to change.
+        out: output folder (``edit_<seed>.png`` and ``edits.jsonl``).
+        num_images: edits to draw (seeds ``seed``, ``seed + 1``, ...).
+        model: overrides of what the checkpoint records.
+        sampler: how each image token is drawn.
+        decode: how the decode loop runs.
+        seed: the first edit's seed.
+        batch_size: edits decoded together (x2 rows with guidance).
+    """
     try:
-        source = _open_image(args.image)
-        sampler = sampler_from_args(args)
-        check_batch_size(args.batch_size)
-        if args.num_images < 1:
-            raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+        source = _open_image(image)
+        check_batch_size(batch_size)
+        if num_images < 1:
+            raise ValueError(f"--num_images must be >= 1, got {num_images}")
     except (OSError, ValueError) as err:
         print(f"edit: {err}", file=sys.stderr)
         return 2
-    star = _load_for_drawing(args, "edit")
+    star = _load_for_drawing(ckpt, model, "edit")
     if star is None:
         return 2
-    options = decode_options_from_args(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    settings = {**sampler.as_dict(), "ckpt": str(args.ckpt), "image_size": star.image_size}
-    seeds = [args.seed + i for i in range(args.num_images)]
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {**sampler.as_dict(), "ckpt": str(ckpt), "image_size": star.image_size}
+    seeds = [seed + i for i in range(num_images)]
     bar, progress = token_bar(star, len(seeds), "edit")
-    with open(args.out / "edits.jsonl", "w", encoding="utf-8") as log:
-        for batch in batches(seeds, args.batch_size):
-            codes = edit_codes(star, [source] * len(batch), [args.instruction] * len(batch), sampler, batch, options, progress)
-            files = save_images(codes_to_images(star.vq, codes), [f"edit_{seed}" for seed in batch], args.out)
-            for seed, file in zip(batch, files):
-                record = {"source": args.image, "instruction": args.instruction, "seed": seed, "image": file}
+    with open(out_dir / "edits.jsonl", "w", encoding="utf-8") as log:
+        for batch in batches(seeds, batch_size):
+            codes = edit_codes(star, [source] * len(batch), [instruction] * len(batch), sampler, batch, decode, progress)
+            files = save_images(codes_to_images(star.vq, codes), [f"edit_{s}" for s in batch], out_dir)
+            for sample_seed, file in zip(batch, files):
+                record = {"source": image, "instruction": instruction, "seed": sample_seed, "image": file}
                 log.write(json.dumps({**record, "settings": settings}) + "\n")
     bar.close()
-    print(f"wrote {len(seeds)} edit(s) and edits.jsonl to {args.out}")
+    print(f"wrote {len(seeds)} edit(s) and edits.jsonl to {out}")
     return 0
 
 
-def understand_main(argv: list[str]) -> int:
-    """``python -m lit_star understand``: the frozen base answers a question about an image."""
-    parser = argparse.ArgumentParser(prog="python -m lit_star understand", description="Answer a question about an image.")
-    add_model_args(parser)
-    parser.add_argument("--image", help="image the question is about (omit for a text-only question)")
-    parser.add_argument("--question", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--out", type=Path, help="also append the answer to OUT/answers.jsonl")
-    args = parser.parse_args(argv)
+def understand(
+    ckpt: str,
+    question: str,
+    image: str | None = None,
+    max_new_tokens: int = 64,
+    out: str | None = None,
+    model: ModelOverrides = ModelOverrides(),
+) -> int:
+    """The frozen base of a stage 2 checkpoint answers a question about an image (greedy).
+
+    Args:
+        ckpt: stage 2 checkpoint (Lightning .ckpt or save_stacked_ar/import-reference directory).
+        question: the question.
+        image: image the question is about (omit for a text-only question).
+        max_new_tokens: answer budget.
+        out: also append the answer to ``OUT/answers.jsonl``.
+        model: overrides of what the checkpoint records.
+    """
     try:
-        images = None if args.image is None else [_open_image(args.image)]
+        images = None if image is None else [_open_image(image)]
     except (OSError, ValueError) as err:
         print(f"understand: {err}", file=sys.stderr)
         return 2
-    star = load_from_args(args)
+    star = load_model(ckpt, model)
     with tqdm(total=1, unit="answer", desc="understand") as bar:
-        answer = answer_questions(star, [args.question], images, max_new_tokens=args.max_new_tokens)[0]
+        answer = answer_questions(star, [question], images, max_new_tokens=max_new_tokens)[0]
         bar.update(1)
     print(answer)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        record = {"image": args.image, "question": args.question, "answer": answer,
-                  "settings": {"ckpt": str(args.ckpt), "max_new_tokens": args.max_new_tokens, "decoding": "greedy"}}
-        with open(args.out / "answers.jsonl", "a", encoding="utf-8") as log:
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        record = {"image": image, "question": question, "answer": answer,
+                  "settings": {"ckpt": str(ckpt), "max_new_tokens": max_new_tokens, "decoding": "greedy"}}
+        with open(Path(out) / "answers.jsonl", "a", encoding="utf-8") as log:
             log.write(json.dumps(record) + "\n")
     return 0

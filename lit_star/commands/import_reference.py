@@ -15,24 +15,26 @@ difference, any missing or unexpected key, or any shape mismatch is an error tha
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from lit_star.checkpoints import import_reference
+from lit_star.checkpoints import import_reference as import_reference_checkpoint
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lit_star import-reference", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", type=Path, required=True, help="released STAR checkpoint (STAR-3B.pt / STAR-7B.pt)")
-    parser.add_argument("--base", type=Path, required=True, help="local Qwen2.5-VL Hugging Face directory")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--vq-config", default="star-vq", help="VQ flavour of pixel_encoder.* (lit_star.models.vq)")
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = import_reference(args.ckpt, args.base, args.out, args.vq_config)
+def import_reference(ckpt: str, base: str, out: str, vq_config: str = "star-vq") -> int:
+    """Import a released STAR checkpoint (MM-MVR/STAR layout) with exact key coverage.
+
+    Args:
+        ckpt: released STAR checkpoint (STAR-3B.pt / STAR-7B.pt).
+        base: local Qwen2.5-VL Hugging Face directory the checkpoint was trained on.
+        out: output directory.
+        vq_config: VQ flavour of ``pixel_encoder.*`` (``lit_star.models.vq``).
+    """
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = import_reference_checkpoint(Path(ckpt), Path(base), out_dir, vq_config)
     stack, stacked = report["stack"], report["coverage"]["stacked_ar"]
     print(
-        f"imported {args.ckpt}: {report['keys_in_checkpoint']} keys, {report['keys_accounted']} mapped "
+        f"imported {ckpt}: {report['keys_in_checkpoint']} keys, {report['keys_accounted']} mapped "
         f"(+{report['keys_tied_aliases']} tied aliases checked equal)\n"
         f"  stack N={stack['num_stack_layers']} adapter depth={stack['adapter_depth']} "
         f"codebook {stack['codebook_size']} x {stack['codebook_dim']}\n"
@@ -40,6 +42,6 @@ def main(argv: list[str]) -> int:
         f" | pixel_encoder: {report['coverage']['pixel_encoder']['matched']} keys"
         f" | diffusion_decoder: {report['diffusion_decoder']['keys']} keys "
         f"({report['diffusion_decoder']['parameters']:,} parameters, kept aside)\n"
-        f"  wrote {args.out}"
+        f"  wrote {out_dir}"
     )
     return 0

@@ -1,60 +1,49 @@
-"""Command-line option groups shared by the sampling and evaluation jobs (model source, sampler)."""
+"""Option groups shared by the sampling and evaluation jobs: where a stage 2 model comes from, and how it runs.
+
+A job takes ``ckpt`` plus ``model: ModelOverrides`` (``--model.image_size 64``), a
+:class:`~lit_star.sampling.filtering.SamplerConfig` (``--sampler.cfg_scale 4 --sampler.top_k 16``) and
+:class:`~lit_star.sampling.decoding.DecodeOptions` (``--decode.static_cache true``).
+"""
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from lit_star.sampling.decoding import DecodeOptions
-from lit_star.sampling.filtering import (
-    REFERENCE_CFG_SCALE,
-    REFERENCE_TOP_K,
-    REFERENCE_TOP_P,
-    SamplerConfig,
-)
 from lit_star.sampling.loading import load_star
 from lit_star.sampling.modes import Star
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--ckpt", required=True, help="stage 2 checkpoint: Lightning .ckpt or save_stacked_ar/import-reference dir")
-    group.add_argument("--base", help="Qwen2.5-VL directory overriding the recorded one")
-    group.add_argument("--vq", help="VQ checkpoint overriding the recorded/bundled one")
-    group.add_argument("--vq-flavour", help="VQ flavour of a reference-layout VQ-Model.pt given with --vq")
-    group.add_argument("--image-size", type=int, help="generated image side (default: recorded in the checkpoint)")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    group.add_argument("--stack-dtype", choices=("float32", "bfloat16", "float16"),
-                       help="dtype of stack, adapter and head at inference (default: as stored, float32)")
-    group.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+@dataclass
+class ModelOverrides:
+    """Overrides of what a stage 2 checkpoint records, and where it runs.
+
+    Args:
+        base: Qwen2.5-VL directory overriding the recorded one (its checksum must still match).
+        vq: VQ checkpoint overriding the recorded or bundled one.
+        vq_flavour: VQ flavour of a reference-layout VQ-Model.pt given with ``vq``.
+        image_size: generated image side (default: recorded in the checkpoint).
+        device: ``cpu``, ``cuda``, ... (default: cuda when available).
+        stack_dtype: dtype of stack, adapter and head at inference (default: as stored, float32).
+        threads: CPU threads (``torch.set_num_threads``).
+    """
+
+    base: str | None = None
+    vq: str | None = None
+    vq_flavour: str | None = None
+    image_size: int | None = None
+    device: str | None = None
+    stack_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    threads: int = 1
 
 
-def add_sampler_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--cfg", type=float, default=REFERENCE_CFG_SCALE, help="guidance weight (1: no unconditional rows)")
-    group.add_argument("--temperature", type=float, default=1.0)
-    group.add_argument("--topk", type=int, default=REFERENCE_TOP_K, help="0 disables top-k")
-    group.add_argument("--topp", type=float, default=REFERENCE_TOP_P, help="1 disables top-p")
-    group.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature, top-k, top-p)")
-    group.add_argument("--seed", type=int, default=0, help="sample i uses seed + i unless its record sets one")
-    group.add_argument("--batch-size", type=int, default=8, help="samples decoded together (x2 rows with guidance)")
-    group.add_argument("--static-cache", action="store_true", help="preallocated KV caches, fixed-shape steps")
-    group.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU; implies --static-cache)")
-    group.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
-
-
-def sampler_from_args(args: argparse.Namespace) -> SamplerConfig:
-    return SamplerConfig(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.topk, top_p=args.topp, greedy=args.greedy)
-
-
-def decode_options_from_args(args: argparse.Namespace) -> DecodeOptions:
-    return DecodeOptions(static_cache=args.static_cache, compile=args.compile, compile_mode=args.compile_mode)
-
-
-def load_from_args(args: argparse.Namespace) -> Star:
-    torch.set_num_threads(args.threads)
+def load_model(ckpt: str, model: ModelOverrides) -> Star:
+    """The stage 2 model of ``ckpt`` with ``model``'s overrides applied."""
+    torch.set_num_threads(model.threads)
+    device = model.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return load_star(
-        args.ckpt, base=args.base, vq=args.vq, vq_flavour=args.vq_flavour, image_size=args.image_size,
-        device=args.device, stack_dtype=getattr(torch, args.stack_dtype) if args.stack_dtype else None,
+        ckpt, base=model.base, vq=model.vq, vq_flavour=model.vq_flavour, image_size=model.image_size,
+        device=device, stack_dtype=getattr(torch, model.stack_dtype) if model.stack_dtype else None,
     )

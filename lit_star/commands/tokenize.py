@@ -16,7 +16,6 @@ Unreadable images are skipped, counted and named; the run fails past ``--max-ski
 
 from __future__ import annotations
 
-import argparse
 import glob
 import io
 import json
@@ -137,45 +136,52 @@ class ShardTokenizer:
         return written
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m lit_star tokenize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vq", required=True, help="VQModule .ckpt, save_pretrained dir, or reference VQ-Model.pt")
-    parser.add_argument("--flavour", default=None, help="VQ flavour of a reference-layout .pt (e.g. star-vq)")
-    parser.add_argument("--shards", required=True, help="input shard glob, quoted: 'DIR/t2i/train-*.tar'")
-    parser.add_argument("--out", required=True, help="output directory (shard names are kept)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--resolution", type=int, default=None, help="resize + centre-crop first (default: native)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--max-skip-fraction", type=float, default=0.01)
-    return parser.parse_args(argv)
+def tokenize(
+    vq: str,
+    shards: str,
+    out: str,
+    flavour: str | None = None,
+    batch_size: int = 64,
+    resolution: int | None = None,
+    device: str = "auto",
+    max_skip_fraction: float = 0.01,
+) -> int:
+    """Encode image shards into VQ code shards with a VQ checkpoint (resumable: finished shards are skipped).
 
-
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+    Args:
+        vq: VQModule .ckpt, save_pretrained directory, or reference VQ-Model.pt (give ``flavour``).
+        shards: input shard glob, quoted: ``'DIR/t2i/train-*.tar'``.
+        out: output directory (shard names are kept).
+        flavour: VQ flavour of a reference-layout .pt (e.g. star-vq).
+        batch_size: images encoded together.
+        resolution: resize + centre-crop first (default: native size).
+        device: ``auto`` (cuda if available), cpu, cuda, cuda:1, ...
+        max_skip_fraction: fail when more than this share of samples is unreadable.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    shards = sorted(Path(p) for p in glob.glob(args.shards))
-    if not shards:
-        print(f"tokenize: no shards match {args.shards!r}", file=sys.stderr)
+    shard_paths = sorted(Path(p) for p in glob.glob(shards))
+    if not shard_paths:
+        print(f"tokenize: no shards match {shards!r}", file=sys.stderr)
         return 2
-    names = [s.name for s in shards]
+    names = [s.name for s in shard_paths]
     if len(set(names)) != len(names):
-        print(f"tokenize: --shards matches several files with the same name; narrow {args.shards!r}", file=sys.stderr)
+        print(f"tokenize: shards matches several files with the same name; narrow {shards!r}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in shards if not (out / s.name).exists()]
-    print(f"tokenize: {len(shards)} shards, {len(shards) - len(todo)} already done, {len(todo)} to encode -> {out}")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in shard_paths if not (out_dir / s.name).exists()]
+    print(f"tokenize: {len(shard_paths)} shards, {len(shard_paths) - len(todo)} already done, {len(todo)} to encode -> {out_dir}")
     if not todo:
         return 0
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    tokenizer = ShardTokenizer(load_vq(args.vq, args.flavour), device, args.batch_size, args.resolution)
+    torch_device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    tokenizer = ShardTokenizer(load_vq(vq, flavour), torch_device, batch_size, resolution)
     with tqdm(todo, unit="shard", desc="tokenize") as progress:
         for shard in progress:
-            written = tokenizer.tokenize_shard(shard, out / shard.name)
+            written = tokenizer.tokenize_shard(shard, out_dir / shard.name)
             progress.set_postfix(samples=tokenizer.seen, skipped=tokenizer.skipped, last=f"{shard.name}:{written}")
-            if tokenizer.seen and tokenizer.skipped / tokenizer.seen > args.max_skip_fraction:
+            if tokenizer.seen and tokenizer.skipped / tokenizer.seen > max_skip_fraction:
                 print(
-                    f"tokenize: {tokenizer.skipped}/{tokenizer.seen} samples unreadable (> {args.max_skip_fraction:.2%}); "
+                    f"tokenize: {tokenizer.skipped}/{tokenizer.seen} samples unreadable (> {max_skip_fraction:.2%}); "
                     "see the warnings above for shards and keys",
                     file=sys.stderr,
                 )

@@ -104,17 +104,18 @@ def main(argv: list[str]) -> int:
     """``python -m lit_star.experiments.code_loss --ckpt ... --shards ...``: print (and optionally write) the table."""
     import argparse
 
-    from lit_star.commands.options import add_model_args, load_from_args
+    from lit_star.commands.options import ModelOverrides, load_model
     from lit_star.data import ImageTextDataModule
 
     parser = argparse.ArgumentParser(prog="python -m lit_star.experiments.code_loss", description=__doc__.split("\n\n")[0])
-    add_model_args(parser)
+    parser.add_argument("--ckpt", required=True, help="stage 2 checkpoint (Lightning .ckpt or save_stacked_ar directory)")
+    parser.add_argument("--image-size", type=int, help="image side (default: recorded in the checkpoint)")
     parser.add_argument("--shards", required=True, help="pre-tokenized Shapes validation shards (codes.npy + txt + json)")
     parser.add_argument("--limit", type=int, default=200, help="score the first N images (default 200)")
     parser.add_argument("--batch-size", type=int, default=25)
     parser.add_argument("--out", help="write the table to this JSON file")
     args = parser.parse_args(argv)
-    star = load_from_args(args)
+    star = load_model(args.ckpt, ModelOverrides(image_size=args.image_size))
     data = ImageTextDataModule(
         val_shards=args.shards, image_key=None, codes_key="codes.npy", batch_size=args.batch_size,
         val_batch_size=args.batch_size, num_workers=0,

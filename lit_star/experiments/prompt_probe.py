@@ -90,13 +90,14 @@ def main(argv: list[str]) -> int:
     """``python -m lit_star.experiments.prompt_probe --ckpt ...``: print (and optionally write) the probe table."""
     import argparse
 
-    from lit_star.commands.options import add_model_args, load_from_args
+    from lit_star.commands.options import ModelOverrides, load_model
 
     parser = argparse.ArgumentParser(prog="python -m lit_star.experiments.prompt_probe", description=__doc__.split("\n\n")[0])
-    add_model_args(parser)
+    parser.add_argument("--ckpt", required=True, help="stage 2 checkpoint (Lightning .ckpt or save_stacked_ar directory)")
+    parser.add_argument("--image-size", type=int, help="image side (default: recorded in the checkpoint)")
     parser.add_argument("--out", help="write the accuracies to this JSON file")
     args = parser.parse_args(argv)
-    results = probe_prompt_states(load_from_args(args))
+    results = probe_prompt_states(load_model(args.ckpt, ModelOverrides(image_size=args.image_size)))
     print(format_probe(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

@@ -105,6 +105,9 @@ TINY_FLAVOURS: dict[str, TinyBaseSpec] = {
     # Interleaved M-RoPE at theta 1000 gives the image grid's rows and columns rotations of 0.65 and
     # 0.42 rad per cell (Qwen's split at theta 1e4: 0.1 and 0.0032), and text 1 down to 0.0015 rad per token.
     "tiny": TinyBaseSpec(interleaved_mrope=True, rope_theta=1000.0),
+    # ~60M parameters with its stack (flavour "mid" of lit_star.models.flavours): 512 wide, 8 layers.
+    "mid": TinyBaseSpec(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=2, max_position_embeddings=4096),
     # For unit tests: builds and runs a forward pass in milliseconds.
     "micro": TinyBaseSpec(
         hidden_size=64,

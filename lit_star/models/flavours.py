@@ -1,12 +1,16 @@
-"""Named STAR stack flavours and the Qwen2.5-VL architectures they sit on.
+"""Named STAR stack flavours and the Qwen2.5-VL architectures they sit on: one registry for recipes, benches
+and tests (``flavour: star-3b`` in a stage 2 recipe, plus overrides).
 
-``STACK_FLAVOURS`` holds the paper's released configurations (MM-MVR/STAR ``configs/STAR_Qwen2.5-VL-*.json``).
+``STACK_FLAVOURS`` holds the paper's released configurations (MM-MVR/STAR ``configs/STAR_Qwen2.5-VL-*.json``),
+the Shapes world's stack and the benchmark sizes. ``base_architecture`` names a public Qwen2.5-VL
+(:data:`QWEN2_5_VL_ARCHITECTURES`) or a tiny base (``lit_star.models.base_vlm.TINY_FLAVOURS``).
 ``qwen2_5_vl_config`` rebuilds the public Qwen2.5-VL-3B/7B-Instruct architectures without weights, for
 meta-device construction (parameter counts, sharding plans); real runs load the base from a local directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from transformers import Qwen2_5_VLConfig
@@ -24,7 +28,25 @@ class StackFlavour:
 STACK_FLAVOURS: dict[str, StackFlavour] = {
     "star-3b": StackFlavour(num_stack_layers=16, adapter_depth=2, base_architecture="qwen2.5-vl-3b"),
     "star-7b": StackFlavour(num_stack_layers=14, adapter_depth=4, base_architecture="qwen2.5-vl-7b"),
+    # The Shapes curriculum's stack: copies of all 4 layers of the tiny base, the tiny VQ's 1,024 x 16 codes.
+    "shapes": StackFlavour(num_stack_layers=4, adapter_depth=2, codebook_size=1024, codebook_dim=16,
+                           base_architecture="tiny"),
+    # Benchmark sizes: a 2-layer stack on the tiny base; ~60M parameters with a 16,384 x 8 codebook (LlamaGen VQ-16).
+    "tiny": StackFlavour(num_stack_layers=2, adapter_depth=2, codebook_size=1024, codebook_dim=16,
+                         base_architecture="tiny"),
+    "mid": StackFlavour(num_stack_layers=4, adapter_depth=2, codebook_size=16384, codebook_dim=8,
+                        base_architecture="mid"),
 }
+
+
+def stack_flavour(name: str, **overrides) -> StackFlavour:
+    """The registered flavour ``name`` with ``overrides`` (fields of :class:`StackFlavour`) applied."""
+    if name not in STACK_FLAVOURS:
+        raise KeyError(f"unknown stack flavour {name!r}; choose from {sorted(STACK_FLAVOURS)}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(StackFlavour)})
+    if unknown:
+        raise KeyError(f"stack flavour {name!r}: unknown fields {unknown}")
+    return dataclasses.replace(STACK_FLAVOURS[name], **overrides)
 
 _VISION = dict(
     depth=32,

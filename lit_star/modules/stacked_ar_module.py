@@ -49,20 +49,12 @@ from lit_star.checkpoints import (
     FrozenWeightsChangedError,
     load_vq,
 )
-from lit_star.distributed.plans import (
-    compile_modules,
-    enable_activation_checkpointing,
-    fully_shard_units,
-    require_compile_toolchain,
-)
+from lit_star.distributed.plans import require_compile_toolchain
+from lit_star.distributed.stacked_ar import parallelize_stacked_ar
 from lit_star.models.ar_loss import DEFAULT_CHUNK_SIZE
+from lit_star.models.flavours import stack_flavour
 from lit_star.models.base_vlm import (
-    decoder_layers,
-    embed_tokens,
-    language_model,
-    lm_head,
     load_base_vlm,
-    vision_tower,
 )
 from lit_star.models.sequence_layout import (
     IGNORE_INDEX,
@@ -127,6 +119,8 @@ class StackedARModule(LightningModule):
         vq_path: the frozen VQ: a ``VQModule`` Lightning checkpoint, a ``VQModel.save_pretrained``
             directory, or a reference ``VQ-Model.pt`` (then set ``vq_flavour``).
         vq_flavour: ``lit_star.models.vq.VQ_FLAVOURS`` name for a reference-layout VQ file.
+        flavour: a ``lit_star.models.flavours.STACK_FLAVOURS`` name (``star-3b``, ``star-7b``, ``shapes``) that
+            sets ``num_stack_layers`` and ``adapter_depth``; either given explicitly overrides it.
         num_stack_layers: N stacked decoder layers (16 for STAR-3B, 14 for STAR-7B).
         adapter_depth: Linear layers in the generation adapter (2 for STAR-3B, 4 for STAR-7B).
         stack_init: ``vlm`` (copies of the base's last N layers), ``llm`` (from ``llm_path``) or ``rand``.
@@ -166,8 +160,9 @@ class StackedARModule(LightningModule):
         base_path: str,
         vq_path: str,
         vq_flavour: str | None = None,
-        num_stack_layers: int = 16,
-        adapter_depth: int = 2,
+        flavour: str | None = None,
+        num_stack_layers: int | None = None,
+        adapter_depth: int | None = None,
         stack_init: StackInit = "vlm",
         llm_path: str | None = None,
         stack_rope_theta: float | None = None,
@@ -189,6 +184,13 @@ class StackedARModule(LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if flavour is not None:
+            spec = stack_flavour(flavour)
+            num_stack_layers = spec.num_stack_layers if num_stack_layers is None else num_stack_layers
+            adapter_depth = spec.adapter_depth if adapter_depth is None else adapter_depth
+        if num_stack_layers is None or adapter_depth is None:
+            raise ValueError("set model.init_args.flavour (e.g. star-3b) or both model.init_args.num_stack_layers "
+                             "and model.init_args.adapter_depth")
         unknown = sorted(set(activation_checkpointing) - {"base", "stack"})
         if unknown:
             raise ValueError(f"activation_checkpointing takes 'base' and/or 'stack', got {unknown}")
@@ -201,6 +203,8 @@ class StackedARModule(LightningModule):
         if compile_layers:
             require_compile_toolchain("model.init_args.compile_layers")
         self.save_hyperparameters()
+        # The resolved sizes (LightningCLI saves the values as given, which may be None under a flavour).
+        self.hparams.update(num_stack_layers=num_stack_layers, adapter_depth=adapter_depth)
         self.model: TextToImageObjective | None = None
         self.vq: VQModel | None = None
         self.frozen_checksums: dict[str, str] = {}
@@ -261,36 +265,16 @@ class StackedARModule(LightningModule):
         self._apply_parallelism_plan()
 
     def _apply_parallelism_plan(self) -> None:
-        """Activation checkpointing, then ``torch.compile``, then (under ``ModelParallelStrategy``) FSDP2."""
-        stacked_ar = self.stacked_ar
-        checkpointed = []
-        if "base" in self.hparams.activation_checkpointing:
-            checkpointed += list(decoder_layers(stacked_ar.base))
-        if "stack" in self.hparams.activation_checkpointing:
-            checkpointed += list(stacked_ar.stack.layers)
-        if checkpointed:
-            enable_activation_checkpointing(checkpointed)
-        if self.hparams.compile_layers and torch.get_default_device().type != "meta":
-            count = compile_modules([*decoder_layers(stacked_ar.base), *stacked_ar.stack.layers])
-            rank_zero_info(f"stage 2: torch.compile on {count} decoder layers (base and stack)")
-        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
-            return
-        mesh = self.device_mesh["data_parallel"]
-        base = stacked_ar.base
-        units = [
-            *decoder_layers(base),
-            *stacked_ar.stack.layers,
-            vision_tower(base),
-            embed_tokens(base),
-            language_model(base),
-            base.model,
-            lm_head(base),
-            stacked_ar.stack,
-            stacked_ar.adapter,
-            stacked_ar.pixel_head,
-        ]
-        count = fully_shard_units(self.model, units, mesh)
-        rank_zero_info(f"stage 2: FSDP2 over {mesh.size()} ranks, {count} units + root")
+        """:func:`~lit_star.distributed.stacked_ar.parallelize_stacked_ar`, FSDP2 under ``ModelParallelStrategy``."""
+        sharded = self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy)
+        mesh = self.device_mesh["data_parallel"] if sharded else None
+        compile_layers = self.hparams.compile_layers and torch.get_default_device().type != "meta"
+        counts = parallelize_stacked_ar(self.model, self.stacked_ar, self.hparams.activation_checkpointing,
+                                        compile_layers, mesh)
+        if counts["compiled"]:
+            rank_zero_info(f"stage 2: torch.compile on {counts['compiled']} decoder layers (base and stack)")
+        if mesh is not None:
+            rank_zero_info(f"stage 2: FSDP2 over {mesh.size()} ranks, {counts['sharded']} units + root")
 
     def _load_trainable_weights(self, stacked_ar: StackedAR, directory: Path) -> None:
         from safetensors.torch import load_file

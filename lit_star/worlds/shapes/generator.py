@@ -1,7 +1,8 @@
 """Generate the procedural Shapes world: webdataset shards for every stage plus the evaluation sets.
 
     python -m lit_star data shapes --out runs/shapes_world
-    python -m lit_star data shapes --out /tmp/w --seed 1 --resolution 128 --t2i-train 20000 --overwrite
+    python -m lit_star data shapes --out /tmp/w --world.seed 1 --world.resolution 128 --world.t2i_train 20000 --overwrite true
+    python -m lit_star data shapes --config recipes/shapes/world/attribute_captions.yaml --out runs/shapes_world_attr
 
 Same seed and sizes give the same bytes. Layout, sample keys and the held-out combinations are in
 ``docs/shapes_world.md``; the scene vocabulary and rendering are in :mod:`lit_star.worlds.shapes.world`.
@@ -9,7 +10,6 @@ Same seed and sizes give the same bytes. Layout, sample keys and the held-out co
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import random
@@ -78,6 +78,24 @@ EVAL_DIR = "eval"
 
 @dataclass
 class WorldConfig:
+    """What a Shapes world holds: sizes of every split and the training-data variants.
+
+    Args:
+        seed: the world's seed; the same seed and sizes give the same bytes.
+        resolution: image side in pixels (>= 32).
+        t2i_train: text-to-image training samples (t2i_val: validation samples; likewise for the others).
+        vqa_train: VQA training samples (questions about one image).
+        edit_train: editing training samples (source, instruction, target).
+        knowledge_train: knowledge riddles (text only) for training.
+        geneval_per_category: GenEval-style eval prompts per category (held-out colour/shape pairs).
+        edit_eval_per_category: edit eval pairs per category.
+        knowledge_eval_size: riddles in the knowledge eval set.
+        shard_size: samples per webdataset shard.
+        grounding_questions: training VQA also asks where objects are and their size (validation unchanged).
+        attribute_captions: training text-to-image also names single objects by colour or shape alone
+            (validation unchanged).
+    """
+
     seed: int = 0
     resolution: int = 64
     t2i_train: int = 6000
@@ -92,8 +110,8 @@ class WorldConfig:
     edit_eval_per_category: int = 30
     knowledge_eval_size: int = 100
     shard_size: int = 1000
-    grounding_questions: bool = False  # training VQA also asks where objects are and their size (val unchanged)
-    attribute_captions: bool = False  # training t2i also names single objects by colour or shape alone (val unchanged)
+    grounding_questions: bool = False
+    attribute_captions: bool = False
 
 
 @dataclass
@@ -544,7 +562,7 @@ def generate_world(out: str | Path, cfg: WorldConfig | None = None, progress: bo
     out = Path(out)
     existing = [name for name in OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds a world ({', '.join(existing)}); pass --overwrite to replace it")
+        raise FileExistsError(f"{out} already holds a world ({', '.join(existing)}); pass overwrite (--overwrite true) to replace it")
     for name in existing:
         shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -578,24 +596,21 @@ def generate_world(out: str | Path, cfg: WorldConfig | None = None, progress: bo
     return world
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lit_star data shapes", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace a world already in --out")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    defaults = WorldConfig()
-    for f in fields(WorldConfig):
-        default = getattr(defaults, f.name)
-        kind = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {"type": int}
-        parser.add_argument(f"--{f.name.replace('_', '-')}", **kind, default=default, help=f"default {default}")
-    args = parser.parse_args(argv)
-    cfg = WorldConfig(**{f.name: getattr(args, f.name) for f in fields(WorldConfig)})
+def generate(out: str, world: WorldConfig = WorldConfig(), overwrite: bool = False, progress: bool = True) -> int:
+    """Generate the procedural Shapes world (webdataset shards for every stage plus the eval sets).
+
+    Args:
+        out: output folder.
+        world: sizes and variants (a world recipe such as ``recipes/shapes/world/attribute_captions.yaml``).
+        overwrite: replace a world already in ``out``.
+        progress: show the progress bar.
+    """
     try:
-        world = generate_world(args.out, cfg, progress=not args.no_progress, overwrite=args.overwrite)
+        written = generate_world(out, world, progress=progress, overwrite=overwrite)
     except (FileExistsError, ValueError) as err:
         print(f"data shapes: {err}", file=sys.stderr)
         return 2
-    counts = ", ".join(f"{t} {s['train']['samples']}/{s['val']['samples']}" for t, s in world["splits"].items())
-    print(f"wrote {args.out}: train/val {counts}; eval " +
-          ", ".join(f"{k} {v['count']}" for k, v in world["eval"].items()))
+    counts = ", ".join(f"{t} {s['train']['samples']}/{s['val']['samples']}" for t, s in written["splits"].items())
+    print(f"wrote {out}: train/val {counts}; eval " +
+          ", ".join(f"{k} {v['count']}" for k, v in written["eval"].items()))
     return 0

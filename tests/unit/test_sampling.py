@@ -303,7 +303,7 @@ def test_load_star_from_saved_directory_and_lightning_checkpoint(stage2_dirs):
 
 
 def test_generate_edit_understand_commands(stage2_dirs, tmp_path):
-    from lit_star.commands.generate import edit_main, main, understand_main
+    from lit_star.cli import main as cli
 
     root, base_dir, vq_dir = stage2_dirs
     ckpt = root / "cli_saved"
@@ -312,9 +312,9 @@ def test_generate_edit_understand_commands(stage2_dirs, tmp_path):
     prompts.write_text(json.dumps({"prompt": "a red circle", "id": "red"}) + "\n"
                        + json.dumps({"prompt": "two green triangles", "seed": 7}) + "\n")
     out = tmp_path / "gen"
-    common = ["--ckpt", str(ckpt), "--image-size", "16", "--topk", "10"]  # 4 x 4 codes
-    assert main([*common, "--prompts", str(prompts), "--prompt", "a yellow circle", "--out", str(out),
-                 "--batch-size", "2", "--seed", "100", "--cfg", "2.0"]) == 0
+    common = ["--ckpt", str(ckpt), "--model.image_size", "16", "--sampler.top_k", "10"]  # 4 x 4 codes
+    assert cli(["generate", *common, "--prompts", str(prompts), "--prompt", "[a yellow circle]", "--out", str(out),
+                "--batch_size", "2", "--seed", "100", "--sampler.cfg_scale", "2.0"]) == 0
     records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert [(r["id"], r["seed"]) for r in records] == [("00000", 100), ("red", 101), ("00002", 7)]
     assert all(Image.open(out / r["image"]).size == (16, 16) for r in records)
@@ -322,25 +322,25 @@ def test_generate_edit_understand_commands(stage2_dirs, tmp_path):
 
     # batch size does not change an image with the same seed
     again = tmp_path / "gen1"
-    assert main([*common, "--prompts", str(prompts), "--prompt", "a yellow circle", "--out", str(again),
-                 "--batch-size", "1", "--seed", "100", "--cfg", "2.0"]) == 0
+    assert cli(["generate", *common, "--prompts", str(prompts), "--prompt", "[a yellow circle]", "--out", str(again),
+                "--batch_size", "1", "--seed", "100", "--sampler.cfg_scale", "2.0"]) == 0
     assert all(np.array_equal(np.asarray(Image.open(out / r["image"])), np.asarray(Image.open(again / r["image"])))
                for r in records)
 
-    assert main([*common, "--prompt", "a red circle", "--reasoning", "--out", str(tmp_path / "reason"),
-                 "--max-answer-tokens", "4"]) == 0
+    assert cli(["generate", *common, "--prompt", "[a red circle]", "--reasoning", "true", "--out", str(tmp_path / "reason"),
+                "--max_answer_tokens", "4"]) == 0
     reasoned = json.loads((tmp_path / "reason" / "generations.jsonl").read_text())
     assert reasoned["generation_prompt"] == reasoned["answer"] + reasoned["settings"]["reasoning_suffix"]
 
     _image(0, 32).save(tmp_path / "in.png")
-    assert edit_main([*common, "--image", str(tmp_path / "in.png"), "--instruction", "make it blue",
-                      "--num-images", "2", "--out", str(tmp_path / "edit")]) == 0
+    assert cli(["edit", *common, "--image", str(tmp_path / "in.png"), "--instruction", "make it blue",
+                "--num_images", "2", "--out", str(tmp_path / "edit")]) == 0
     edits = [json.loads(line) for line in (tmp_path / "edit" / "edits.jsonl").read_text().splitlines()]
     assert len(edits) == 2 and all((tmp_path / "edit" / e["image"]).is_file() for e in edits)
 
-    assert understand_main(["--ckpt", str(ckpt), "--image", str(tmp_path / "in.png"),
-                            "--question", "How many circles are there?", "--max-new-tokens", "8",
-                            "--out", str(tmp_path / "qa")]) == 0
+    assert cli(["understand", "--ckpt", str(ckpt), "--image", str(tmp_path / "in.png"),
+                "--question", "How many circles are there?", "--max_new_tokens", "8",
+                "--out", str(tmp_path / "qa")]) == 0
     answer = json.loads((tmp_path / "qa" / "answers.jsonl").read_text())
     processor = load_processor(base_dir)
     expected = generate_answers(load_star(ckpt).model.base, processor, ["How many circles are there?"],
@@ -349,9 +349,9 @@ def test_generate_edit_understand_commands(stage2_dirs, tmp_path):
 
 
 def test_generate_command_names_bad_prompt_records(stage2_dirs, tmp_path, capsys):
-    from lit_star.commands.generate import main
+    from lit_star.cli import main
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"text": "no prompt key"}) + "\n")
-    assert main(["--ckpt", str(stage2_dirs[0]), "--prompts", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert main(["generate", "--ckpt", str(stage2_dirs[0]), "--prompts", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert f"{bad}:2" in capsys.readouterr().err

@@ -12,12 +12,13 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
-from lit_star.cli import JOB_SUBCOMMANDS, TRAINER_SUBCOMMANDS
+from lit_star.cli import TRAINER_SUBCOMMANDS
+from lit_star.commands import COMMANDS
 from lit_star.data.health import DataHealthMonitor
 from lit_star.thread_budget import GROW_AT_STEP_ENV, THREADS_FILE_ENV, write_thread_budget
 from lit_star.training import AtomicCheckpointIO, StarCLI
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_MODEL = "lightning.pytorch.demos.boring_classes.DemoModel"
 BORING_DATA = "lightning.pytorch.demos.boring_classes.BoringDataModule"
 
@@ -172,7 +173,7 @@ def test_trainer_recipes_parse(trainer_recipe, layered_recipe):
 
 def test_help_lists_every_subcommand():
     out = subprocess.run([sys.executable, "-m", "lit_star", "--help"], capture_output=True, text=True, cwd=REPO, check=True)
-    for name in [*TRAINER_SUBCOMMANDS, *JOB_SUBCOMMANDS]:
+    for name in [*TRAINER_SUBCOMMANDS, *COMMANDS]:
         assert f"  {name} " in out.stdout
 
 
@@ -187,3 +188,36 @@ def test_last_checkpoint_holds_the_final_step_between_periodic_saves(layered_rec
     checkpoints = tmp_path / "run" / "checkpoints"
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 5
     assert sorted(p.name for p in checkpoints.glob("step*.ckpt")) == ["step00000002.ckpt", "step00000004.ckpt"]
+
+
+def test_every_job_parses_its_signature_and_takes_a_config_file(tmp_path, capsys):
+    from lit_star.cli import main
+    from lit_star.commands import COMMANDS
+
+    def jobs(entries, path=()):
+        for name, (_, target) in entries.items():
+            yield from jobs(target, (*path, name)) if isinstance(target, dict) else [((*path, name), target)]
+
+    for path, _ in jobs(COMMANDS):  # every job's module imports and its --help renders from its docstring
+        with pytest.raises(SystemExit) as exit_info:
+            main([*path, "--help"])
+        assert exit_info.value.code == 0, path
+        assert "--config CONFIG" in capsys.readouterr().out, path
+
+    # A job config file and a flag combine; the flag wins. The scorer reports the missing images.
+    config = tmp_path / "job.yaml"
+    config.write_text(f"prompts: {tmp_path / 'absent.jsonl'}\nimages: {tmp_path}\n")
+    assert main(["eval", "shapes", "--config", str(config)]) == 2
+    assert "absent.jsonl" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "shapes", "--config", str(config), "--sampler.top_kk", "3"])
+    assert "top_kk" in capsys.readouterr().err
+
+
+def test_a_group_lists_its_jobs_and_names_an_unknown_one(capsys):
+    from lit_star.cli import main
+
+    assert main(["eval", "--help"]) == 0
+    assert "  understanding " in capsys.readouterr().out
+    assert main(["eval", "shapez"]) == 2
+    assert "unknown subcommand 'shapez'" in capsys.readouterr().err

@@ -18,15 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # stage2_fixtures, also inside torchrun workers
 
 import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
-from stage2_fixtures import TextToImageSamples, loader, write_micro_base, write_small_vq  # noqa: E402
+from tests.stage2_fixtures import TextToImageSamples, loader, write_micro_base, write_small_vq  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORLD_SIZE = 2
 MICRO_BATCH = 2
 STEPS_BEFORE_SAVE = 3
@@ -119,6 +118,7 @@ def worker(base: Path, vq: Path, out: Path) -> None:
         (out / "report.json").write_text(json.dumps(report))
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_fsdp2_two_processes_match_one_and_resume_from_distributed_checkpoint(tmp_path):
     base, vq = write_micro_base(tmp_path / "base"), write_small_vq(tmp_path / "vq")

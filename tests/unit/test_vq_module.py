@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 from lit_star.checkpoints import load_vq
-from lit_star.commands import tokenize
+from lit_star.cli import main as cli
 from lit_star.worlds.shapes.world import BACKGROUNDS, COLORS, SHAPES, Scene, WorldObject, render_scene
 from lit_star.eval.vq_metrics import CodebookUsage, ExportedFeatures, frechet_distance
 from lit_star.models.vq_losses import (
@@ -39,7 +39,7 @@ from lit_star.models.vq_losses import (
 from lit_star.modules.schedules import lr_multiplier
 from lit_star.modules.vq_module import VQModule, warmed_up_ema
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # A VQ small enough for a CPU step in ~0.1 s: 4x downsampling, 64 codes of 8 dims, 16 px images.
 TINY_VQ = {
     "ch": 32, "z_channels": 32, "encoder_ch_mult": [1, 1, 2], "decoder_ch_mult": [1, 1, 2], "num_res_blocks": 1,
@@ -292,9 +292,9 @@ def test_tokenize_decodes_back_and_resumes(tmp_path, capsys):
     shards.mkdir()
     write_shard(shards / "train-000000.tar", 5, seed=0)
     write_shard(shards / "train-000001.tar", 4, seed=1, corrupt=2)
-    argv = ["--vq", str(ckpt), "--shards", str(shards / "train-*.tar"), "--out", str(out), "--batch-size", "3",
-            "--max-skip-fraction", "0.5"]
-    assert tokenize.main(argv) == 0
+    argv = ["tokenize", "--vq", str(ckpt), "--shards", str(shards / "train-*.tar"), "--out", str(out),
+            "--batch_size", "3", "--max_skip_fraction", "0.5"]
+    assert cli(argv) == 0
 
     samples = list(wds.WebDataset(str(out / "train-*.tar").replace("*", "{000000..000001}"), shardshuffle=False))
     assert len(samples) == 8  # the corrupt sample was skipped (and counted)
@@ -320,7 +320,7 @@ def test_tokenize_decodes_back_and_resumes(tmp_path, capsys):
     done_mtime = (out / "train-000000.tar").stat().st_mtime_ns
     first_bytes = (out / "train-000001.tar").read_bytes()
     (out / "train-000001.tar").unlink()
-    assert tokenize.main(argv) == 0
+    assert cli(argv) == 0
     assert "1 already done, 1 to encode" in capsys.readouterr().out
     assert (out / "train-000000.tar").stat().st_mtime_ns == done_mtime
     # Redone, the shard is the same bytes: members carry no time stamp.

@@ -5,13 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # each spawns a benchmark process (7-55 s on 2 cores)
 
 
 def test_bench_ar_loss_reports_memory_and_equal_losses():
     out = subprocess.run(
-        [sys.executable, "-m", "lit_star", "bench", "ar-loss", "--batch", "2", "--image-tokens", "32", "--prompt-len", "4",
-         "--hidden", "64", "--classes", "512", "--chunk-size", "16"],
+        [sys.executable, "-m", "lit_star", "bench", "ar-loss", "--batch", "2", "--image_tokens", "32", "--prompt_len", "4",
+         "--hidden", "64", "--classes", "512", "--chunk_size", "16"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
@@ -21,8 +24,8 @@ def test_bench_ar_loss_reports_memory_and_equal_losses():
 
 def test_bench_generate_compares_cached_and_recomputed_codes():
     out = subprocess.run(
-        [sys.executable, "-m", "lit_star", "bench", "generate", "--flavours", "tiny", "--recompute-tokens", "16",
-         "--image-tokens", "16", "--batch-sizes", "1", "2", "--filter-rows", "2", "--repeats", "1"],
+        [sys.executable, "-m", "lit_star", "bench", "generate", "--flavours", "[tiny]", "--recompute_tokens", "16",
+         "--image_tokens", "16", "--batch_sizes", "[1, 2]", "--filter_rows", "2", "--repeats", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
@@ -34,7 +37,7 @@ def test_bench_generate_compares_cached_and_recomputed_codes():
 def test_bench_train_step_compares_compiled_and_eager_steps(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "lit_star", "bench", "train-step", "--threads", "1", "--batch", "2",
-         "--stack-layers", "1", "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "bench.json")],
+         "--stack_layers", "1", "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "bench.json")],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -16,9 +15,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stage2_fixtures import CAPTIONS, QUESTIONS, IMAGE_SIZE, loader, write_micro_base, write_small_vq  # noqa: E402
+from tests.stage2_fixtures import CAPTIONS, QUESTIONS, IMAGE_SIZE, loader, write_micro_base, write_small_vq  # noqa: E402
 
 from lit_star.models.base_vlm import decoder_layers, encode_chat, load_processor  # noqa: E402
 from lit_star.models.flavours import qwen2_5_vl_config  # noqa: E402
@@ -27,7 +25,7 @@ from lit_star.checkpoints import FROZEN_CHECKSUMS_KEY, FrozenWeightsChangedError
 from lit_star.modules.stacked_ar_module import StackedARModule, unigram_entropy  # noqa: E402
 from lit_star.training import StarCLI  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STAGE2_RECIPES = REPO / "recipes" / "stage2_stacked_ar"
 TRAINER_ARGS = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
                 "--trainer.precision", "32-true"]
@@ -185,6 +183,7 @@ def test_activation_checkpointing_changes_neither_loss_nor_gradients(frozen_dirs
     torch.testing.assert_close(grad_ckpt, grad_plain)
 
 
+@pytest.mark.slow  # inductor compiles five layers (~25 s)
 def test_compiled_layers_give_the_eager_loss_and_gradients(frozen_dirs):
     batch = next(iter(loader(4, 4, with_codes=True)))
     results = []
@@ -303,7 +302,8 @@ def parse_recipe(*configs: Path, overrides: tuple[str, ...] = ()) -> StarCLI:
 def test_full_size_recipes_build_on_meta_with_the_paper_sizes(
     recipe, architecture, stack, adapter, architecture_dirs, tmp_path
 ):
-    cli = parse_recipe(STAGE2_RECIPES / f"{recipe}.yaml", overrides=(
+    layers = [STAGE2_RECIPES / "star_3b.yaml"] + ([STAGE2_RECIPES / "star_7b.yaml"] if recipe == "star_7b" else [])
+    cli = parse_recipe(*layers, overrides=(
         "--model.init_args.base_path", str(architecture_dirs / architecture),
         "--trainer.default_root_dir", str(tmp_path)))
     module = cli.model
@@ -330,6 +330,16 @@ ABLATIONS = {
     "init_vlm": ("stack_init", "vlm"),
     "vq_vqgan_16384x8": ("vq_flavour", None),
 }
+
+
+def test_a_flavour_sets_the_stack_and_explicit_sizes_override_it(frozen_dirs):
+    base, vq = frozen_dirs
+    module = StackedARModule(base_path=str(base), vq_path=str(vq), flavour="shapes", adapter_depth=3)
+    assert (module.hparams.num_stack_layers, module.hparams.adapter_depth) == (4, 3)
+    with pytest.raises(KeyError, match="unknown stack flavour 'star-9b'"):
+        StackedARModule(base_path=str(base), vq_path=str(vq), flavour="star-9b")
+    with pytest.raises(ValueError, match="model.init_args.flavour"):
+        StackedARModule(base_path=str(base), vq_path=str(vq), num_stack_layers=2)
 
 
 def test_every_ablation_recipe_is_listed():
@@ -368,13 +378,13 @@ def _write_t2i_shard(path: Path, count: int) -> None:
 
 
 def test_shapes_recipe_smoke_runs_on_pretokenized_shards(frozen_dirs, tmp_path):
-    from lit_star.commands.tokenize import main as tokenize
+    from lit_star.commands.tokenize import tokenize
 
     base, vq = frozen_dirs
     for split in ("train", "val"):
         _write_t2i_shard(tmp_path / "world" / "t2i" / f"{split}-000000.tar", 8)
-    assert tokenize(["--vq", str(vq), "--shards", str(tmp_path / "world" / "t2i" / "*.tar"),
-                     "--out", str(tmp_path / "world" / "t2i_codes"), "--device", "cpu"]) == 0
+    assert tokenize(vq=str(vq), shards=str(tmp_path / "world" / "t2i" / "*.tar"),
+                    out=str(tmp_path / "world" / "t2i_codes"), device="cpu") == 0
     run = tmp_path / "run"
     codes = tmp_path / "world" / "t2i_codes"
     StarCLI(args=[

@@ -13,7 +13,7 @@ from lit_star.worlds.shapes.generator import (
     RIDDLE_CATEGORIES, WorldConfig, generate_world, seen_combination_prompts, seen_combination_riddles,
 )
 from lit_star.worlds.shapes.world import HELD_OUT_COMBOS, Scene, WorldObject, relations_between, render_scene
-from lit_star.commands.eval import shapes_main
+from lit_star.cli import main as cli
 from lit_star.worlds.shapes import scorer as shapes_eval
 from lit_star.worlds.shapes.scorer import detect_objects, load_prompts, score_edits, score_geneval
 
@@ -170,7 +170,7 @@ def test_missing_images_score_zero_and_are_listed(world):
 
 def test_cli_prints_a_table_and_writes_json(world, tmp_path, capsys):
     out = tmp_path / "scores.json"
-    rc = shapes_main(["--prompts", str(world / "eval/edit.jsonl"), "--images", str(world / "eval/edit_gt"),
+    rc = cli(["eval", "shapes", "--prompts", str(world / "eval/edit.jsonl"), "--images", str(world / "eval/edit_gt"),
                            "--out", str(out)])
     assert rc == 0
     table = capsys.readouterr().out
@@ -178,10 +178,10 @@ def test_cli_prints_a_table_and_writes_json(world, tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert saved["overall"] == 1.0 and set(saved["categories"]) == set(shapes_eval.EDIT_CATEGORIES)
     assert saved["overall_standard_error"] == 0.0 and "standard error 0.00" in table  # every edit scored 1
-    assert shapes_main(["--prompts", str(world / "eval/edit.jsonl"), "--images", str(tmp_path)]) == 1
+    assert cli(["eval", "shapes", "--prompts", str(world / "eval/edit.jsonl"), "--images", str(tmp_path)]) == 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "x"}\n')
-    assert shapes_main(["--prompts", str(bad), "--images", str(tmp_path)]) == 2
+    assert cli(["eval", "shapes", "--prompts", str(bad), "--images", str(tmp_path)]) == 2
     assert "lacks 'category'" in capsys.readouterr().err
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from lit_star.commands.import_reference import main as import_reference_main
+from lit_star.cli import main as cli
 from lit_star.models.base_vlm import build_tiny_base_vlm, tiny_config
 from lit_star.models.reference_format import (
     export_reference_state_dict,
@@ -67,8 +67,8 @@ def write_reference(tmp_path, model, vq, state=None):
 
 
 def run_import(tmp_path, ckpt, base_dir) -> int:
-    return import_reference_main(["--ckpt", str(ckpt), "--base", str(base_dir), "--out", str(tmp_path / "out"),
-                                  "--vq-config", VQ_FLAVOUR])
+    return cli(["import-reference", "--ckpt", str(ckpt), "--base", str(base_dir), "--out", str(tmp_path / "out"),
+                                  "--vq_config", VQ_FLAVOUR])
 
 
 def forward(model: StackedAR, vq: VQModel, tokenizer) -> torch.Tensor:

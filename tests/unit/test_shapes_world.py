@@ -260,7 +260,7 @@ def test_position_captions_use_relations_that_hold():
 
 
 def test_existing_world_needs_overwrite(world, capsys):
-    assert shapes.main(["--out", str(world), "--no-progress"]) == 2
+    assert shapes.generate(str(world), progress=False) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 

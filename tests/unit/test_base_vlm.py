@@ -23,7 +23,7 @@ from lit_star.models.base_vlm import (
 from lit_star.models.tokenizer import QWEN_SPECIAL_TOKENS, special_token_ids, train_qwen2_tokenizer
 from lit_star.checkpoints import export_base_checkpoint
 from lit_star.eval.grading import normalize_answer
-from lit_star.modules.base_module import BaseVLMModule, task_batches
+from lit_star.modules.base_module import task_batches
 
 CORPUS = [
     "How many circles are there?",

@@ -21,20 +21,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lit_star.benchmarks.quantize import repeat_codebook_search
-from lit_star.commands import export
+from lit_star.cli import main as cli
 from lit_star.models.codebook_projector import codebook_image_shape
-from lit_star.models.vq import (
-    PROJECTOR_PREFIX,
-    VQ_FLAVOURS,
-    VQConfig,
-    VQModel,
-    _blockwise_squared_norms,
-    nearest_code_indices,
-    parameter_counts,
-    vq_config,
-)
+from lit_star.models.quantizer import _blockwise_squared_norms, nearest_code_indices
+from lit_star.models.vq import PROJECTOR_PREFIX, VQ_FLAVOURS, VQConfig, VQModel, parameter_counts, vq_config
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 GOLDEN = ASSETS / "vq_reference_tiny.safetensors"
 
 
@@ -122,7 +114,7 @@ def test_export_round_trip_folds_projector(tmp_path):
     source = tmp_path / "trained.pt"
     torch.save(reference_state, source)
     out = tmp_path / "export"
-    assert export.main(["vq", "--ckpt", str(source), "--flavour", "tiny", "--out", str(out)]) == 0
+    assert cli(["export", "vq", "--ckpt", str(source), "--flavour", "tiny", "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} == {"VQ-Model.pt", "model.safetensors", "config.json"}
     assert json.loads((out / "config.json").read_text())["codebook_projector"] is False
 
@@ -146,7 +138,7 @@ def test_export_from_lightning_checkpoint_uses_ema_weights(tmp_path):
     checkpoint = tmp_path / "last.ckpt"
     torch.save({"hyper_parameters": {"flavour": "tiny", "vq_overrides": None}, "state_dict": state}, checkpoint)
     out = tmp_path / "export"
-    assert export.main(["vq", "--ckpt", str(checkpoint), "--out", str(out), "--format", "safetensors"]) == 0
+    assert cli(["export", "vq", "--ckpt", str(checkpoint), "--out", str(out), "--format", "safetensors"]) == 0
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json"}
     exported = VQModel.from_pretrained(out).reference_state_dict()
     expected = ema.reference_state_dict()
@@ -316,9 +308,8 @@ def test_quantizer_runs_in_fp32_under_autocast():
 
 
 def test_bench_quantize_runs_and_checks_codes(capsys):
-    from lit_star.benchmarks import quantize
 
-    assert quantize.main(["--codebook-size", "256", "--dim", "16", "--batch-sizes", "1", "--repeats", "1"]) == 0
+    assert cli(["bench", "quantize", "--codebook_size", "256", "--dim", "16", "--batch_sizes", "[1]", "--repeats", "1"]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1]
     assert row.split("|")[0].strip() == "1" and row.endswith("identical")
 
@@ -352,11 +343,10 @@ def test_local_encoder_vq_refuses_the_reference_export(tmp_path, capsys):
     torch.manual_seed(0)
     local = VQModel(vq_config("tiny", local_encoder=True)).eval()
     source = local.save_pretrained(tmp_path / "local")
-    with pytest.raises(SystemExit):
-        export.main(["vq", "--ckpt", str(source), "--out", str(tmp_path / "reference")])
+    assert cli(["export", "vq", "--ckpt", str(source), "--out", str(tmp_path / "reference")]) == 2
     assert "local encoder" in capsys.readouterr().err
     assert not (tmp_path / "reference" / "VQ-Model.pt").exists()
-    assert export.main(["vq", "--ckpt", str(source), "--out", str(tmp_path / "st"), "--format", "safetensors"]) == 0
+    assert cli(["export", "vq", "--ckpt", str(source), "--out", str(tmp_path / "st"), "--format", "safetensors"]) == 0
     reloaded = VQModel.from_pretrained(tmp_path / "st").eval()
     images = torch.rand(1, 3, 32, 32) * 2 - 1
     assert reloaded.config.local_encoder and torch.equal(reloaded.encode_to_codes(images), local.encode_to_codes(images))

@@ -1,0 +1,61 @@
+"""The smoke curriculum end to end: every stage hands the next what it needs; a rerun resumes (~2 min)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lit_star.commands.curriculum import load_curriculum
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = [str(REPO / "recipes/shapes/curriculum.yaml"), str(REPO / "recipes/shapes/curriculum_smoke.yaml")]
+
+
+@pytest.mark.slow
+def test_smoke_curriculum_runs_end_to_end_and_resumes(tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "lit_star", "curriculum", RECIPES[0], "--overlays", f"[{RECIPES[1]}]",
+               "--run_dir", str(run)]
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    timings = json.loads((run / "timings.json").read_text())
+    assert set(timings) == set(load_curriculum(RECIPES, str(run)).steps)
+    # The smoke recipe moves stage 1's growth to step 1: it waits there for stage 0's core, then takes it.
+    assert timings["stage1_vq"]["grew_at_step"] == 1 and timings["stage1_vq"]["grew_to"] == 2
+    assert "[threads] step 1: 2 thread(s) after" in (run / "logs/stage1_vq.log").read_text()
+    before = json.loads((run / "eval/understanding_before.json").read_text())
+    after = json.loads((run / "eval/understanding_after.json").read_text())
+    assert before["answers"] and before["answers"] == after["answers"], "stage 2 changed the base's answers"
+    results = json.loads((run / "eval/shapes/results.json").read_text())
+    assert set(results["geneval"]["categories"]) == {"single_object", "two_objects", "counting", "colors",
+                                                     "position", "color_attr"}
+    rest = json.loads((run / "eval/shapes_seen_and_riddles/results.json").read_text())
+    assert {"knowledge_without_reasoning", "knowledge_with_reasoning", "geneval_seen_combinations"} <= set(rest)
+    assert "geneval" not in rest and "geneval_seen_combinations" not in results, "the two processes split the sets"
+    assert {"knowledge_seen_without_reasoning", "knowledge_seen_with_reasoning"} <= set(results)
+    report = (run / "report.md").read_text()
+    assert "Every answer identical: **True**" in report and "| stage2_stacked_ar |" in report
+    assert f"Scene descriptions ({before['descriptions']['descriptions']}), per object in reading order" in report
+    assert ("| GenEval-style | seen pairs (control) | riddles, no reasoning | riddles, reasoning "
+            "| seen-pair riddles, no reasoning | seen-pair riddles, reasoning |") in report
+    assert "of the seen-pair riddles with the right caption" in report
+    binding = json.loads((run / "eval/binding.json").read_text())
+    assert binding["images"] >= 1 and f"| colour | 0.10 | {binding['colour']:.3f} |" in report
+    assert all(Path(grid).is_file() for grid in results["grids"] + rest["grids"])
+    assert all(f"![{Path(grid).stem}]" in report for grid in results["grids"] + rest["grids"])
+
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("done already") == len(timings), "a finished step ran again"
+
+    # The notebook explores exactly such a run directory: every code cell must run against it.
+    notebook = json.loads((REPO / "notebooks/explore_shapes_curriculum.ipynb").read_text())
+    source = "\n\n".join("".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code")
+    env = {**os.environ, "LIT_STAR_RUN": str(run), "OMP_NUM_THREADS": "1"}
+    cells = subprocess.run([sys.executable, "-c", source], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert cells.returncode == 0, cells.stderr[-3000:]
+    assert "PSNR" in cells.stdout and "overall" in cells.stdout and "base:" in cells.stdout
