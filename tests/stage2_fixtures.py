@@ -61,7 +61,7 @@ def build_micro_star(
 
 
 class TextToImageSamples(Dataset):
-    """Deterministic image-text samples in SCHEMA.md's item format (``image`` in [-1, 1] or ``codes``)."""
+    """Deterministic image-text samples in README.md's batch item format (``image`` in [-1, 1] or ``codes``)."""
 
     def __init__(self, size: int, with_codes: bool = False, codebook_size: int = 64) -> None:
         self.size, self.with_codes, self.codebook_size = size, with_codes, codebook_size

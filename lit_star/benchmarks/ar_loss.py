@@ -1,7 +1,7 @@
 """Image-token cross-entropy: chunked (``lit_star.models.ar_loss``) vs one-shot logits, at the STAR-3B head size.
 
     python -m lit_star bench ar-loss                        # hidden 2048 -> 65,536 codes, B=8 x (32 prompt + 576 image)
-    python -m lit_star bench ar-loss --batch 2 --chunk-size 1024
+    python -m lit_star bench ar-loss --batch 2 --chunk_size 1024
 
 One training step of the loss: forward and backward to the stack output and the pixel head (fp32).
 The one-shot baseline is the naive ``head(hidden)`` over all B x T positions, then cross-entropy with

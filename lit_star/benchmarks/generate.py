@@ -1,8 +1,8 @@
 """Image-token decoding speed: KV caches vs prefix recompute, flat per-step cost, top-k-first filter, batching.
 
     python -m lit_star bench generate                                   # tiny + mid flavours, CPU, ~2-3 min
-    python -m lit_star bench generate --flavours tiny --cached-tokens 576 --recompute-tokens 576
-    python -m lit_star bench generate --device cuda --flavours tiny mid --batch-sizes 1 4 16 64 --static-cache
+    python -m lit_star bench generate --flavours [tiny] --recompute_tokens 576
+    python -m lit_star bench generate --device cuda --flavours [tiny,mid] --batch_sizes [1,4,16,64] --static_cache true
 
 Models are randomly initialised STAR stacks built in code (timings do not depend on the weights), prompt
 of ~20 tokens, guidance on (2 rows per image), sampling with top-k 1000 / top-p 0.8 through the same

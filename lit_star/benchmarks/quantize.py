@@ -1,7 +1,7 @@
 """Nearest-code search: our chunked matmul vs the reference's repeat-the-codebook-per-batch search.
 
     python -m lit_star bench quantize                       # 65,536 x 512 codebook, B x 576 x 512, B in {1, 4, 16}
-    python -m lit_star bench quantize --batch-sizes 1 4 --threads 1 --repeats 3
+    python -m lit_star bench quantize --batch_sizes [1,4] --threads 1 --repeats 3
 
 Time: both variants run in this process on the same inputs, alternating, best of ``--repeats`` after a
 warm-up round.

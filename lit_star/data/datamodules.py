@@ -93,7 +93,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.decoder = SampleDecoder(self.fields(), self.resolution)
 
     def fields(self) -> list[Field]:
-        """The batch entries this kind of sample has, in SCHEMA.md's batch format (each subclass defines it)."""
+        """The batch entries this kind of sample has, in README.md's batch format ("The Shapes world and its data schema") (each subclass defines it)."""
         raise NotImplementedError(f"{type(self).__name__} must define fields()")
 
     def shards(self, split: str) -> list[str] | None:

@@ -54,7 +54,7 @@ class SkipLedger:
         return self.seen > 0
 
     def drain(self) -> dict[str, Any]:
-        """Counts since the previous drain, in the batch format of SCHEMA.md, then reset."""
+        """Counts since the previous drain, in README.md's batch format, then reset."""
         recent = list(self.recent)
         report = {
             "seen": self.seen,
@@ -114,7 +114,7 @@ class DataHealthMonitor(pl.Callback):
         self.seen += int(health["seen"])
         self.skipped += int(health["skipped"])
         if health["skipped"]:
-            # "recent_skips" is ours; producers that only follow SCHEMA.md give "last_skip".
+            # "recent_skips" is ours; producers that only follow README.md's batch format give "last_skip".
             self.recent_skips.extend(health.get("recent_skips") or [health["last_skip"]])
         if self.seen >= self.min_seen and self.skipped_fraction > allowed_fraction:
             recent = "\n  ".join(self.recent_skips)

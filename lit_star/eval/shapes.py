@@ -3,12 +3,12 @@
     python -m lit_star eval shapes --prompts runs/shapes_world/eval/geneval.jsonl --images runs/shapes_world/eval/geneval_gt
     python -m lit_star eval shapes --prompts runs/shapes_world/eval/edit.jsonl --images runs/shapes_world/eval/edit_gt --out edit.json
     python -m lit_star eval shapes --ckpt runs/shapes/stage2_stacked_ar/checkpoints/last.ckpt \\
-        --world runs/shapes_world --out runs/shapes/eval --cfg 3 --topk 64 --topp 1.0
+        --world runs/shapes_world --out runs/shapes/eval --config recipes/shapes/sampler.yaml
 
 Writes under ``--out``: one folder of images per set (``geneval/``, ``knowledge_plain/``,
-``knowledge_reasoning/``, ``edit/`` with ``--edits``, with ``--seen-combinations N`` the control set
+``knowledge_reasoning/``, ``edit/`` with ``--edits true``, with ``--seen_combinations N`` the control set
 ``geneval_seen/``: N prompts per category whose colour/shape pairs occur in training, and with
-``--seen-riddles N`` the riddle control sets ``knowledge_seen_plain/`` and ``knowledge_seen_reasoning/``:
+``--seen_riddles N`` the riddle control sets ``knowledge_seen_plain/`` and ``knowledge_seen_reasoning/``:
 N riddles per category whose answers name seen pairs), each with its
 ``generations.jsonl``; an image grid per set and category (``grids/<set>_<category>.png``); and
 ``results.json`` with the scores, the sampler settings and the base's riddle answers.

@@ -19,13 +19,13 @@ first pixel, which the model cannot know yet.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from lit_star.commands.options import ModelOverrides, load_model
+from lit_star.experiments import command_line, write_json
 from lit_star.sampling.likelihood import per_code_losses
 from lit_star.sampling.modes import Star
 
@@ -100,35 +100,31 @@ def format_code_loss(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    """``python -m lit_star.experiments.code_loss --ckpt ... --shards ...``: print (and optionally write) the table."""
-    import argparse
+def run(ckpt: str, shards: str, limit: int = 200, batch_size: int = 25, out: str | None = None,
+        model: ModelOverrides = ModelOverrides()) -> int:
+    """Print (and optionally write) a stage 2 model's loss with and without the prompt, by image region.
 
-    from lit_star.commands.options import ModelOverrides, load_model
+    Args:
+        ckpt: stage 2 checkpoint (Lightning .ckpt or save_stacked_ar directory).
+        shards: pre-tokenized Shapes validation shards (codes.npy + txt + json).
+        limit: score the first N images.
+        batch_size: images scored together.
+        out: write the table to this JSON file.
+        model: overrides of what the checkpoint records.
+    """
     from lit_star.data import ImageTextDataModule
 
-    parser = argparse.ArgumentParser(prog="python -m lit_star.experiments.code_loss", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="stage 2 checkpoint (Lightning .ckpt or save_stacked_ar directory)")
-    parser.add_argument("--image-size", type=int, help="image side (default: recorded in the checkpoint)")
-    parser.add_argument("--shards", required=True, help="pre-tokenized Shapes validation shards (codes.npy + txt + json)")
-    parser.add_argument("--limit", type=int, default=200, help="score the first N images (default 200)")
-    parser.add_argument("--batch-size", type=int, default=25)
-    parser.add_argument("--out", help="write the table to this JSON file")
-    args = parser.parse_args(argv)
-    star = load_model(args.ckpt, ModelOverrides(image_size=args.image_size))
-    data = ImageTextDataModule(
-        val_shards=args.shards, image_key=None, codes_key="codes.npy", batch_size=args.batch_size,
-        val_batch_size=args.batch_size, num_workers=0,
-    )
+    star = load_model(ckpt, model)
+    data = ImageTextDataModule(val_shards=shards, image_key=None, codes_key="codes.npy", batch_size=batch_size,
+                               val_batch_size=batch_size, num_workers=0)
     data.setup("validate")
-    results = code_loss_by_region(star, data.val_dataloader(), args.limit)
+    results = code_loss_by_region(star, data.val_dataloader(), limit)
     print(format_code_loss(results))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    write_json(results, out)
     return 0
 
 
 if __name__ == "__main__":
     import sys
 
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(command_line(run))

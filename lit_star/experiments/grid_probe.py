@@ -15,15 +15,13 @@ but its place). Chance is 1 / grid side.
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lit_star.experiments import command_line, write_json
 from lit_star.models.base_vlm import encode_chat, load_base_vlm, load_processor
 from lit_star.worlds.shapes.generator import random_scene
 from lit_star.worlds.shapes.world import object_center, render_scene
@@ -124,25 +122,25 @@ def format_grid_probe(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    """``python -m lit_star.experiments.grid_probe --base DIR``: print (and optionally write) the probe table."""
-    parser = argparse.ArgumentParser(prog="python -m lit_star.experiments.grid_probe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="Qwen2.5-VL directory (a stage 0 export)")
-    parser.add_argument("--images", type=int, default=600, help="random Shapes scenes to render (70%% fit, 30%% score)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="write the accuracies to this JSON file")
-    args = parser.parse_args(argv)
-    if args.images < 4:
-        parser.error("--images must be at least 4 (the probe needs images on both sides of its split)")
-    model, processor = load_base_vlm(args.base).eval(), load_processor(args.base)
-    results = probe_grid_positions(model, processor, args.images, args.seed)
+def run(base: str, images: int = 600, seed: int = 0, out: str | None = None) -> int:
+    """Print (and optionally write) the grid probe table of a base VLM.
+
+    Args:
+        base: Qwen2.5-VL directory (a stage 0 export).
+        images: random Shapes scenes to render (70% fit the probe, 30% score it); at least 4.
+        seed: seed of the scenes and the split.
+        out: write the accuracies to this JSON file.
+    """
+    if images < 4:
+        raise ValueError("images must be at least 4 (the probe needs images on both sides of its split)")
+    model, processor = load_base_vlm(base).eval(), load_processor(base)
+    results = probe_grid_positions(model, processor, images, seed)
     print(format_grid_probe(results))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    write_json(results, out)
     return 0
 
 
 if __name__ == "__main__":
     import sys
 
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(command_line(run))

@@ -13,12 +13,12 @@ it is told must carry colour and shape to the positions where it draws; chance i
 from __future__ import annotations
 
 import itertools
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from lit_star.commands.options import ModelOverrides, load_model
+from lit_star.experiments import command_line, write_json
 from lit_star.sampling.modes import Star, text_to_image_prefix
 from lit_star.worlds.shapes.world import COLORS, SHAPES, noun_phrase
 
@@ -86,25 +86,21 @@ def format_probe(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    """``python -m lit_star.experiments.prompt_probe --ckpt ...``: print (and optionally write) the probe table."""
-    import argparse
+def run(ckpt: str, out: str | None = None, model: ModelOverrides = ModelOverrides()) -> int:
+    """Print (and optionally write) how well a stage 2 model's states carry the prompt's colour and shape.
 
-    from lit_star.commands.options import ModelOverrides, load_model
-
-    parser = argparse.ArgumentParser(prog="python -m lit_star.experiments.prompt_probe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="stage 2 checkpoint (Lightning .ckpt or save_stacked_ar directory)")
-    parser.add_argument("--image-size", type=int, help="image side (default: recorded in the checkpoint)")
-    parser.add_argument("--out", help="write the accuracies to this JSON file")
-    args = parser.parse_args(argv)
-    results = probe_prompt_states(load_model(args.ckpt, ModelOverrides(image_size=args.image_size)))
+    Args:
+        ckpt: stage 2 checkpoint (Lightning .ckpt or save_stacked_ar directory).
+        out: write the accuracies to this JSON file.
+        model: overrides of what the checkpoint records.
+    """
+    results = probe_prompt_states(load_model(ckpt, model))
     print(format_probe(results))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    write_json(results, out)
     return 0
 
 
 if __name__ == "__main__":
     import sys
 
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(command_line(run))

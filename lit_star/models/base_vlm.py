@@ -41,7 +41,7 @@ class TinyBaseSpec:
     cell, so every object is centred on the same four patches of its own token. The first geometry
     tried, 16 px patches without merging (4 x 4 tokens straddling the cells), left stage 0 answering
     from the language prior: after 900 steps shape questions were at 0.22 and colour questions at 0.45,
-    against 0.93 and 0.52 with the cell-aligned tokens (same recipe, same data; docs/LOG.md).
+    against 0.93 and 0.52 with the cell-aligned tokens (same recipe, same data; docs/base.md).
     """
 
     hidden_size: int = 128

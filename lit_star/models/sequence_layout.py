@@ -1,6 +1,6 @@
 """Training sequences for the stacked AR, laid out exactly as the reference's inference builds them.
 
-Text-to-image (NOTES §2)::
+Text-to-image (the reference implementation's layout)::
 
     chat_template(user prompt) + "<|im_start|>assistant\\n"  <|vision_start|>  c0 c1 ... c574
                                                                  predicts c0   c1 ...     c575

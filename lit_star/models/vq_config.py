@@ -83,7 +83,7 @@ class VQConfig:
 
 
 VQ_FLAVOURS: dict[str, dict] = {
-    # The paper's STAR-VQ: 16x downsampling, 65,536 x 512 codebook, 8-head attention (NOTES section 2).
+    # The paper's STAR-VQ: 16x downsampling, 65,536 x 512 codebook, 8-head attention (paper Table 9 and the reference implementation).
     "star-vq": dict(
         codebook_size=65536, codebook_embed_dim=512, z_channels=512, ch=256,
         encoder_ch_mult=[1, 2, 2, 4, 8], decoder_ch_mult=[1, 2, 2, 4, 8], attn_num_heads=8,

@@ -45,12 +45,12 @@ from lit_star.models.base_vlm import (
 from lit_star.models.tokenizer import train_qwen2_tokenizer
 from lit_star.modules.schedules import lr_multiplier
 
-# Text fields of the world's understanding batches (SCHEMA.md) that the tokenizer is trained on.
+# Text fields of the world's understanding batches (README.md, "The Shapes world and its data schema") that the tokenizer is trained on.
 CORPUS_FIELDS = ("question", "answer", "prompt")
 
 
 def task_batches(batch: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    """Yield ``("vqa", b)`` / ``("riddle", b)`` for a SCHEMA.md batch or a mapping of such batches.
+    """Yield ``("vqa", b)`` / ``("riddle", b)`` for a batch in README.md's batch format or a mapping of such batches.
 
     A VQA batch has ``image``/``question``/``answer``; a knowledge batch has ``prompt``/``answer``
     (``batch["task"]``, when the data layer sets it, must agree). Mixtures come either as one of

@@ -6,7 +6,7 @@
         --config recipes/stage2_stacked_ar/ablations/layers_8.yaml --config recipes/trainer/fsdp.yaml
     python -m lit_star fit --config recipes/shapes/stage2_stacked_ar.yaml --ckpt_path last      # resume
 
-Each training batch (image + caption, or pre-tokenized ``codes`` + caption, SCHEMA.md) becomes the
+Each training batch (image + caption, or pre-tokenized ``codes`` + caption; batch format in README.md) becomes the
 reference's text-to-image sequences (:class:`~lit_star.models.sequence_layout.SequenceLayout`): chat
 template, assistant header, ``<|vision_start|>``, image codes; with probability ``cfg_dropout`` a sample
 becomes the reference's unconditional row. The loss is cross-entropy on image-token positions only,

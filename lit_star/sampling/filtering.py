@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-# README of MM-MVR/STAR (its argparse defaults disagree: cfg 20, top-k 2000, top-p 1.0; NOTES section 2).
+# README of MM-MVR/STAR (its argparse defaults disagree: cfg 20, top-k 2000, top-p 1.0; see the reference's argparse).
 REFERENCE_CFG_SCALE = 1.1
 REFERENCE_TOP_K = 1000
 REFERENCE_TOP_P = 0.8

@@ -53,7 +53,7 @@ def assign_ids_and_seeds(records: list[dict], base_seed: int) -> list[dict]:
 
 def check_batch_size(size: int) -> None:
     if size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {size}")
+        raise ValueError(f"batch_size must be >= 1, got {size}")
 
 
 def batches(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -63,7 +63,7 @@ class Star:
         if self.image_size is None:
             raise ValueError(
                 "the image size the stack was trained at is unknown (not recorded in the checkpoint); "
-                "pass image_size (--image-size)"
+                "pass image_size (--model.image_size)"
             )
         return self.image_size // self.vq.config.downsample_factor
 

@@ -35,7 +35,7 @@ def test_curriculum_config_resolves_and_names_missing_keys(tmp_path):
 
 def test_main_curriculum_changes_a_training_step_threads_only_at_a_fixed_step():
     # A step that grows mid-run changes its float sums at a wall-clock step, so two runs of the README's
-    # main job would train different VQs and report different scores (docs/LOG.md, twelfth session).
+    # main job would train different VQs and report different scores (docs/curriculum.md, "Why two runs of the same recipes disagreed").
     config = load_curriculum([RECIPES[0]])
     assert not [name for name, step in config.steps.items() if step.get("grow", False)]
     assert {name: step.grow_at_step for name, step in config.steps.items() if "grow_at_step" in step} == {

@@ -52,7 +52,7 @@ def test_image_tokens_are_collected_with_their_grid_place(micro_base):
 
 def test_grid_probe_command_prints_every_layer_and_writes_json(micro_base, tmp_path, capsys):
     out = tmp_path / "probe.json"
-    assert grid_probe.main(["--base", str(micro_base), "--images", "20", "--out", str(out)]) == 0
+    assert grid_probe.run(base=str(micro_base), images=20, out=str(out)) == 0
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())
     assert [entry["where"] for entry in results["layers"]] == ["vision output", "after decoder layer 1",
@@ -61,5 +61,5 @@ def test_grid_probe_command_prints_every_layer_and_writes_json(micro_base, tmp_p
     for entry in results["layers"]:
         assert entry["where"] in printed
         assert all(0.0 <= entry[k] <= 1.0 for k in ("object_row", "object_column", "empty_row", "empty_column"))
-    with pytest.raises(SystemExit):
-        grid_probe.main(["--base", str(micro_base), "--images", "2"])
+    with pytest.raises(ValueError, match="at least 4"):
+        grid_probe.run(base=str(micro_base), images=2)

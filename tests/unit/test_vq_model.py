@@ -225,7 +225,7 @@ def test_training_forward_losses_gradients_and_usage():
 def test_quantizer_gradient_is_bitwise_repeatable_on_two_threads():
     # Many positions share a few codes, so the codebook gradient sums many terms per row. With
     # codebook[codes] those sums came out in a thread-timing order and differed run to run in their
-    # last bits, which stage 1 grew into different codes (docs/LOG.md, twelfth session).
+    # last bits, which stage 1 grew into different codes (docs/curriculum.md, "Why two runs of the same recipes disagreed").
     quantize = seeded_tiny(projector=True).train().quantize
     codebook = quantize.codebook().detach()
     picks = torch.randint(0, 4, (16 * 16 * 16,), generator=torch.Generator().manual_seed(0))

@@ -53,8 +53,8 @@ from lit_star.worlds.shapes.world import (
 RIDDLE_CATEGORIES = ("single_object", "two_objects", "counting", "position")
 VQA_TYPES = ("count", "color", "shape", "relation", "caption")
 # Asked in training only, with WorldConfig.grounding_questions: relations and scene descriptions need each
-# object's place and size, which the descriptions alone teach the tiny base slowly (docs/LOG.md, tenth
-# session: with them 6000 stage 0 steps reach VQA 0.787, captions 0.50; colour is held back for 2000 steps).
+# object's place and size, which the descriptions alone teach the tiny base slowly (docs/base.md, "Where and size
+# questions in training": with them 6000 stage 0 steps reach VQA 0.787, captions 0.50; colour is held back for 2000 steps).
 GROUNDING_TYPES = ("where", "size")
 
 # How often each kind of sample is drawn for training.
@@ -63,7 +63,7 @@ T2I_MIX = {"single_object": 0.12, "two_objects": 0.14, "counting": 0.16, "colors
 # With WorldConfig.attribute_captions the t2i *training* split also draws one object named by its colour
 # alone ("a red object") or its shape alone ("a star"). In the default mix a shape word always comes
 # with a colour word, so the stack can learn the 40 training pairs as a lookup and draw a held-out
-# "red star" as a red shape it has seen (docs/LOG.md, ninth session); here each word must steer the
+# "red star" as a red shape it has seen (docs/stack.md, "The 5600-step stack at lower guidance"); here each word must steer the
 # image on its own.
 T2I_ATTRIBUTE_MIX = {**{k: v * 0.75 for k, v in T2I_MIX.items()}, "one_attribute": 0.25}
 VQA_MIX = {"count": 0.22, "color": 0.20, "shape": 0.18, "relation": 0.22, "caption": 0.18}

@@ -409,7 +409,7 @@ def _detect_or_reason(images, prompt_id: str) -> tuple[Detection | None, str]:
 
 def overall_standard_error(categories: dict[str, float], counts: dict[str, int]) -> float:
     """The binomial standard error of the overall score (the mean of the category scores), from the
-    prompts per category: about how far another sampler seed moves it (docs/LOG.md, twelfth session)."""
+    prompts per category: about how far another sampler seed moves it (docs/sampler.md, "How much of a ShapesEval difference is the sampler's seed")."""
     if not categories:
         return 0.0
     variance = sum(p * (1 - p) / counts[c] for c, p in categories.items()) / len(categories) ** 2
