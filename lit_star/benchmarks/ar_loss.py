@@ -5,7 +5,7 @@
 
 One training step of the loss: forward and backward to the stack output and the pixel head (fp32).
 The one-shot baseline is the naive ``head(hidden)`` over all B x T positions, then cross-entropy with
-ignored prompt positions; the chunked loss only scores image-token positions, ``--chunk-size`` at a time,
+ignored prompt positions; the chunked loss only scores image-token positions, ``--chunk_size`` at a time,
 computing each chunk's gradients as it goes (see ``lit_star.models.ar_loss``).
 
 Peak extra memory: each variant runs once in a fresh child process. Its inputs, the head and

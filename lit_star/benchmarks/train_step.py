@@ -4,7 +4,7 @@
     python -m lit_star bench train-step --threads 1 --steps 10
     python -m lit_star bench train-step --device cuda --batch 64 --dtype bfloat16
 
-Two copies of one randomly initialised STAR stack (the tiny base, ``--stack-layers`` stacked layers, a
+Two copies of one randomly initialised STAR stack (the tiny base, ``--stack_layers`` stacked layers, a
 1,024 x 16 codebook, as in ``recipes/shapes/stage2_stacked_ar.yaml``) train on the same batches: Shapes
 world captions of every GenEval category, so batch lengths vary as in the recipe, and random 16 x 16
 code grids, through the same layout, loss and AdamW step as ``StackedARModule``. One copy runs eager;

@@ -11,7 +11,7 @@ complete, so a rerun skips every finished shard and redoes only the interrupted 
 
 ``--vq`` accepts a ``VQModule`` Lightning checkpoint (EMA weights when present), a directory written
 by ``VQModel.save_pretrained``, or a reference-layout ``VQ-Model.pt`` (give ``--flavour``).
-Unreadable images are skipped, counted and named; the run fails past ``--max-skip-fraction``.
+Unreadable images are skipped, counted and named; the run fails past ``--max_skip_fraction``.
 """
 
 from __future__ import annotations
