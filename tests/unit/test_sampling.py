@@ -298,6 +298,15 @@ def test_load_star_from_saved_directory_and_lightning_checkpoint(stage2_dirs):
     assert from_ckpt.image_size == 32
     for key, value in module.stacked_ar.trainable_state_dict().items():
         assert torch.equal(from_ckpt.model.trainable_state_dict()[key], value), key
+
+    # A checkpoint written now carries its StackedAR config and loads without the module's hyper-parameters;
+    # the one above (written before that entry existed) loaded from them.
+    module.on_save_checkpoint(checkpoint)
+    del checkpoint["hyper_parameters"]
+    torch.save(checkpoint, root / "stage2_config.ckpt")
+    from_config = load_star(root / "stage2_config.ckpt")
+    for key, value in module.stacked_ar.trainable_state_dict().items():
+        assert torch.equal(from_config.model.trainable_state_dict()[key], value), key
     layers = [*decoder_layers(from_ckpt.model.base), *from_ckpt.model.stack.layers]
     assert all(layer._compiled_call_impl is None for layer in layers), "sampling must not run training-compiled layers"
 
