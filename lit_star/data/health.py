@@ -42,6 +42,18 @@ def skip_kind(reason: str) -> str:
     return _SKIP_DETAILS.sub("…", reason.split(":", 1)[0]).strip()
 
 
+def combine_reports(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:
+    """Two consecutive `SkipLedger.drain` reports as one."""
+    recent = [*first["recent_skips"], *second["recent_skips"]][-RECENT_SKIPS_KEPT:]
+    return {
+        "seen": first["seen"] + second["seen"],
+        "skipped": first["skipped"] + second["skipped"],
+        "last_skip": recent[-1] if recent else "",
+        "recent_skips": recent,
+        "first_skips": {**second["first_skips"], **first["first_skips"]},
+    }
+
+
 class SkipLedger:
     """Per-worker tally of samples read and skipped since the last batch was emitted."""
 
