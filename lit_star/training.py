@@ -11,6 +11,7 @@ What every run gets without asking:
   ``last.ckpt`` also at the final step whatever the period, each written atomically (temporary file,
   fsync, rename) so a kill during a save leaves the previous ``last`` intact;
 * ``seed_everything(seed, workers=True)`` before any class is built (``--seed_everything``);
+* exact resume (`lit_star.resume.ExactResume`): data-stream position and RNG states ride in every checkpoint;
 * ``${...}`` interpolation resolved after every ``--config`` file and command-line override merged;
 * a CPU thread count that follows ``LIT_STAR_THREADS_FILE`` when a curriculum sets it (``ThreadBudget``).
 """
@@ -33,6 +34,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 import torch
 
 from lit_star.data.health import DataHealthMonitor
+from lit_star.resume import ExactResume
 from lit_star.thread_budget import GROW_AT_STEP_ENV, THREADS_FILE_ENV, read_thread_budget
 
 DEFAULT_RUN_DIR = "runs/default"
@@ -147,7 +149,8 @@ class StarCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         # Every lit_star batch reports skipped samples; the monitor logs them and stops a run that skips too much.
         # ThreadBudget lets the curriculum hand a run the cores a finished neighbour step freed.
-        kwargs.setdefault("trainer_defaults", {"callbacks": [DataHealthMonitor(), ThreadBudget()]})
+        # ExactResume saves the data position and RNG states so a resumed run matches an uninterrupted one.
+        kwargs.setdefault("trainer_defaults", {"callbacks": [DataHealthMonitor(), ThreadBudget(), ExactResume()]})
         super().__init__(
             model_class=LightningModule,
             datamodule_class=LightningDataModule,
