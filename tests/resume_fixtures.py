@@ -43,6 +43,26 @@ class HoldMidStep(Callback):
             _hold(self.marker)
 
 
+class _HoldWhenPickled:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        _hold(self.marker)
+        raise AssertionError("the test should have killed this process")
+
+
+class HoldDuringSave(Callback):
+    """Holds the save at step ``at_step`` while ``torch.save`` writes the temporary file."""
+
+    def __init__(self, at_step: int, marker: str) -> None:
+        self.at_step, self.marker = at_step, marker
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if trainer.global_step == self.at_step and not Path(self.marker).exists():
+            checkpoint["holds_while_pickled"] = _HoldWhenPickled(self.marker)
+
+
 def write_config(path: Path, config: dict) -> str:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return str(path)

@@ -1,7 +1,7 @@
 """Exact resume, end to end: a training process killed with SIGKILL mid-step, right after a checkpoint, and
 resumed with ``--ckpt_path last`` ends with the same weights, optimizer state and buffers, bit for bit, as a
 run that never stopped; for stages 0, 1 and 2, mid-epoch and at an epoch boundary, and for stage 2 under
-2-process FSDP2.
+2-process FSDP2. Plus checkpoint hygiene: a kill during a save, then a resume in a copied run directory.
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_resume_kill.py -m slow -s    # prints each max abs difference
 
@@ -10,6 +10,7 @@ Every run has one uninterrupted reference per stage (module-scoped) to the same 
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -193,3 +194,26 @@ def test_a_two_process_fsdp2_run_killed_mid_epoch_and_resumed_ends_bit_identical
     print(f"\nstage 2, FSDP2 on 2 processes, killed after step 2 (mid-epoch): max abs difference {difference}")
     assert difference == 0.0
 
+
+def test_a_kill_during_a_save_leaves_no_temporary_file_and_a_copied_run_keeps_its_own_last(tmp_path):
+    run_dir, marker = tmp_path / "run", tmp_path / "held_in_save"
+    hold = {"class_path": "resume_fixtures.HoldDuringSave", "init_args": {"at_step": 4, "marker": str(marker)}}
+    config = write_config(tmp_path / "boring.yaml", {
+        "model": {"class_path": "lightning.pytorch.demos.boring_classes.DemoModel"},
+        "data": {"class_path": "lightning.pytorch.demos.boring_classes.BoringDataModule"},
+        "checkpoint": {"every_n_train_steps": 2},
+        "trainer": {**TRAINER, "default_root_dir": str(run_dir), "callbacks": [hold]},
+    })
+    run_and_kill_at(fit_command(config), marker, tmp_path / "killed.log")
+    leftovers = sorted(p.name for p in (run_dir / "checkpoints").glob(".*.tmp"))
+    assert leftovers and leftovers[0].startswith(".step00000004.ckpt."), "the kill should have hit the save"
+    assert last_checkpoint(run_dir)["global_step"] == 2
+
+    copy = tmp_path / "copied_run"
+    shutil.copytree(run_dir, copy)
+    run_to_end(fit_command(config, extra=("--trainer.default_root_dir", str(copy), "--ckpt_path", "last")),
+               tmp_path / "resumed.log")
+    names = sorted(p.name for p in (copy / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step00000002.ckpt", "step00000004.ckpt", "step00000006.ckpt"], names
+    assert last_checkpoint(copy)["global_step"] == TOTAL_STEPS
+    assert last_checkpoint(run_dir)["global_step"] == 2, "the original run directory is left alone"
