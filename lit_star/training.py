@@ -9,8 +9,11 @@ What every run gets without asking:
 * one run directory (``trainer.default_root_dir``) holding ``tensorboard/`` and ``checkpoints/``;
 * a ``last.ckpt`` plus periodic ``step########.ckpt`` files (``--checkpoint.every_n_train_steps``),
   ``last.ckpt`` also at the final step whatever the period, each written atomically (temporary file,
-  fsync, rename) so a kill during a save leaves the previous ``last`` intact;
+  fsync, rename) so a kill during a save leaves the previous ``last`` intact; the temporary files such
+  a kill leaves are removed when the next run starts, and a save always replaces ``last.ckpt`` (never
+  ``last-v1.ckpt``), even in a run directory that was moved or copied;
 * ``seed_everything(seed, workers=True)`` before any class is built (``--seed_everything``);
+* exact resume (`lit_star.resume.ExactResume`): data-stream position and RNG states ride in every checkpoint;
 * ``${...}`` interpolation resolved after every ``--config`` file and command-line override merged;
 * a CPU thread count that follows ``LIT_STAR_THREADS_FILE`` when a curriculum sets it (``ThreadBudget``).
 """
@@ -33,9 +36,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 import torch
 
 from lit_star.data.health import DataHealthMonitor
+from lit_star.resume import ExactResume
 from lit_star.thread_budget import GROW_AT_STEP_ENV, THREADS_FILE_ENV, read_thread_budget
 
 DEFAULT_RUN_DIR = "runs/default"
+TEMPORARY_SUFFIX = ".tmp"
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -44,7 +49,17 @@ class RunCheckpoint(ModelCheckpoint):
     Lightning writes ``last`` only when a periodic save fires (or if none ever did), so a run of 850
     steps saved every 250 ended with a ``last.ckpt`` of step 750, and everything downstream (export,
     tokenize, stage 2) silently used the older weights.
+
+    At the start of a run global rank 0 removes the temporary files (`AtomicCheckpointIO`) that a
+    process killed during a save left in ``dirpath``.
     """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath is not None and os.path.isdir(self.dirpath):
+            for leftover in Path(self.dirpath).glob(f".*{TEMPORARY_SUFFIX}"):
+                leftover.unlink()
+                print(f"[checkpoint] removed {leftover}, left by a run killed while saving", flush=True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
@@ -64,7 +79,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
         try:
             with open(tmp, "wb") as handle:
                 torch.save(checkpoint, handle)
@@ -147,7 +162,8 @@ class StarCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         # Every lit_star batch reports skipped samples; the monitor logs them and stops a run that skips too much.
         # ThreadBudget lets the curriculum hand a run the cores a finished neighbour step freed.
-        kwargs.setdefault("trainer_defaults", {"callbacks": [DataHealthMonitor(), ThreadBudget()]})
+        # ExactResume saves the data position and RNG states so a resumed run matches an uninterrupted one.
+        kwargs.setdefault("trainer_defaults", {"callbacks": [DataHealthMonitor(), ThreadBudget(), ExactResume()]})
         super().__init__(
             model_class=LightningModule,
             datamodule_class=LightningDataModule,
@@ -170,6 +186,9 @@ class StarCLI(LightningCLI):
                 "checkpoint.every_n_train_steps": 1000,
                 "checkpoint.filename": "step{step:08d}",
                 "checkpoint.auto_insert_metric_name": False,
+                # A name is a step (or "last"): saving it again must replace it. With the version counter a
+                # moved run directory got a last-v1.ckpt beside a stale last.ckpt.
+                "checkpoint.enable_version_counter": False,
             }
         )
         parser.link_arguments(

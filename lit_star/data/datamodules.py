@@ -35,7 +35,26 @@ from lit_star.data.webdataset_io import (
 ShardSpec = str | list[str]
 
 
-class ShardDataModule(pl.LightningDataModule):
+class ResumableTrainStream:
+    """Passes a resume position to the next training loader the DataModule builds.
+
+    ``lit_star.resume.ExactResume`` calls `resume_training_stream` while a checkpoint is restored, before
+    Lightning asks for the training loader; that loader then starts after the last batch trained on.
+    """
+
+    _train_resume: tuple[dict, bool] | None = None
+
+    def resume_training_stream(self, position: dict, epoch_finished: bool) -> None:
+        self._train_resume = (position, epoch_finished)
+
+    def _resumed(self, loader: ShardLoader | WeightedBatchMixture) -> ShardLoader | WeightedBatchMixture:
+        if self._train_resume is not None:
+            loader.resume_from(*self._train_resume)
+            self._train_resume = None
+        return loader
+
+
+class ShardDataModule(ResumableTrainStream, pl.LightningDataModule):
     """Shared machinery: shard expansion, deterministic streams and loaders for train / val / test.
 
     Args:
@@ -142,7 +161,7 @@ class ShardDataModule(pl.LightningDataModule):
         loader = self.loader("train")
         if loader is None:
             raise ValueError(f"{type(self).__name__}: train_shards is not set")
-        return loader
+        return self._resumed(loader)
 
     def val_dataloader(self) -> ShardLoader | list:
         loader = self.loader("val")
@@ -308,7 +327,7 @@ class KnowledgeDataModule(ShardDataModule):
         ]
 
 
-class MixtureDataModule(pl.LightningDataModule):
+class MixtureDataModule(ResumableTrainStream, pl.LightningDataModule):
     """Weighted mixture of the DataModules above for multi-task stages: each training batch comes whole
     from one component, drawn with probability proportional to its weight, and ``batch["task"]`` names it.
 
@@ -358,13 +377,13 @@ class MixtureDataModule(pl.LightningDataModule):
         return None if self.trainer is None else self.trainer.current_epoch
 
     def train_dataloader(self) -> WeightedBatchMixture:
-        return WeightedBatchMixture(
+        return self._resumed(WeightedBatchMixture(
             {name: component.train_dataloader() for name, component in self.components.items()},
             self.weights,
             batches_per_epoch=self.batches_per_epoch,
             seed=self.seed,
             epoch_fn=self._trainer_epoch,
-        )
+        ))
 
     def _per_component(self, split: str) -> list[ShardLoader]:
         loaders = (self.components[name].loader(split) for name in sorted(self.components))

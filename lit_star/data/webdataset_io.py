@@ -10,11 +10,20 @@ streaming tar reader ends quietly at a truncated or corrupt header: a shard cut 
 lose its tail. Here that case, a truncated member, an unopenable shard, a corrupt image, an empty
 text, bad JSON or codes and a missing key all become one `SkipLedger` entry naming shard, key and
 reason, which rides on the next batch (see lit_star/data/health.py).
+
+Exact resume: every batch carries its stream position under ``batch["stream_position"]``: the shuffle
+epoch, and for each loader worker how many samples it has taken from its shuffled raw stream and
+whether it has emitted its last batch. A loader told to resume from the position of the last batch a
+run trained on (`ShardLoader.resume_from`, driven by ``lit_star.resume.ExactResume``) replays the same
+shard order and shuffle buffer but drops those raw samples undecoded, so the next batch is the one
+the run would have read next, in every worker.
 """
 
 from __future__ import annotations
 
+import collections
 import glob
+import hashlib
 import io
 import itertools
 import json
@@ -32,7 +41,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 from webdataset.utils import pytorch_worker_info
 
-from lit_star.data.health import DATA_HEALTH_KEY, DataHealthError, SkipLedger
+from lit_star.data.health import DATA_HEALTH_KEY, DataHealthError, SkipLedger, combine_reports
 from lit_star.data.images import load_image_tensor
 
 
@@ -46,6 +55,7 @@ def reproducible_tar_writer(target) -> wds.TarWriter:
 FieldKind = Literal["image", "text", "json", "codes", "conversation"]
 CONVERSATION_ROLES = ("system", "user", "assistant")
 TASK_KEY = "task"
+STREAM_POSITION_KEY = "stream_position"
 
 
 def expand_shards(spec: str | Sequence[str]) -> list[str]:
@@ -263,6 +273,22 @@ def collate(samples: Sequence[Mapping[str, Any]], fields: Sequence[Field]) -> di
     return batch
 
 
+class CountedSamples:
+    """An iterator that counts how many samples it has handed out (a worker's raw stream position)."""
+
+    def __init__(self, samples: Iterator[dict[str, Any]]) -> None:
+        self.samples = samples
+        self.count = 0
+
+    def __iter__(self) -> CountedSamples:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        sample = next(self.samples)
+        self.count += 1
+        return sample
+
+
 class ShardStream(IterableDataset):
     """Batches from webdataset shards, split by node and worker, deterministic given `seed` and epoch.
 
@@ -315,6 +341,8 @@ class ShardStream(IterableDataset):
         self.task = task
         self.epoch = 0
         self.node: tuple[int, int] | None = None
+        self.resume_positions: Mapping[int, Mapping[str, Any]] = {}
+        self.worker_rotation = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -322,6 +350,16 @@ class ShardStream(IterableDataset):
     def set_node(self, rank: int, world_size: int) -> None:
         """Fix the rank this stream reads for, as seen by the main process (see `_node`)."""
         self.node = (rank, world_size)
+
+    def set_resume(self, positions: Mapping[int, Mapping[str, Any]], worker_rotation: int) -> None:
+        """Start the next pass at ``positions`` ({worker: {"consumed", "batches", "finished"}}, one per
+        worker that had emitted a batch), with loader worker ``w`` reading as worker ``w + worker_rotation``.
+
+        A multi-worker DataLoader takes batches from its workers in turn, starting with worker 0; the
+        rotation makes the worker after the one that produced the last trained batch come first again.
+        """
+        self.resume_positions = dict(positions)
+        self.worker_rotation = worker_rotation
 
     def _node(self) -> tuple[int, int]:
         # Loader workers started with spawn / forkserver have no process group, so webdataset's
@@ -331,6 +369,11 @@ class ShardStream(IterableDataset):
             return self.node
         rank, world_size, _, _ = pytorch_worker_info()
         return rank, world_size
+
+    def _worker(self) -> tuple[int, int]:
+        """(the worker this process reads as, number of workers)."""
+        _, _, worker, num_workers = pytorch_worker_info()
+        return (worker + self.worker_rotation) % num_workers, num_workers
 
     def __len__(self) -> int:
         if self.batches_per_epoch is None:
@@ -349,13 +392,14 @@ class ShardStream(IterableDataset):
                 f"{world_size} ranks; write more, smaller shards"
             )
         # Empty for workers beyond the shard count (webdataset's empty_check=False behaviour): they yield nothing.
-        return list(wds.split_by_worker(rank_shards)), len(rank_shards)
+        worker, num_workers = self._worker()
+        return rank_shards[worker::num_workers], len(rank_shards)
 
     def _worker_quota(self, rank_shard_count: int) -> int | None:
         """Batches this worker yields when the epoch length is fixed; workers without shards get none."""
         if self.batches_per_epoch is None:
             return None
-        _, _, worker, num_workers = pytorch_worker_info()
+        worker, num_workers = self._worker()
         active = min(num_workers, rank_shard_count)
         if worker >= active:
             return 0
@@ -381,7 +425,10 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, _ = self._node()
-        _, _, worker, _ = pytorch_worker_info()
+        worker, _ = self._worker()
+        resumed = self.resume_positions.get(worker)
+        if resumed is not None and resumed["finished"]:
+            return
         ledger = SkipLedger()
         shards, rank_shard_count = self._shards_of_this_worker(0)
         quota = self._worker_quota(rank_shard_count)
@@ -391,21 +438,39 @@ class ShardStream(IterableDataset):
         if self.shuffle_buffer > 0:
             rng = random.Random(f"{self.seed}/samples/{self.epoch}/{rank}/{worker}")
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-        groups = itertools.islice(self._batched(self._decoded(samples, ledger)), quota)
-        # One batch of look-ahead: a batch leaves only once the next one is read, so the skips
-        # found while reading the tail of the last shard ride on the final batch instead of vanishing.
-        held: list[dict[str, Any]] | None = None
+        counted = CountedSamples(samples)
+        emitted = 0
+        if resumed is not None:
+            # The same shard order and shuffle buffer, but the samples already trained on are dropped
+            # undecoded; their skips were counted when the interrupted run read them.
+            collections.deque(itertools.islice(counted, resumed["consumed"]), maxlen=0)
+            ledger.drain()
+            emitted = resumed["batches"]
+            quota = None if quota is None else quota - emitted
+        groups = itertools.islice(self._batched(self._decoded(counted, ledger)), quota)
+        # One batch of look-ahead: a batch leaves only once the next one is read, so the skips found
+        # while reading the tail of the last shard ride on the final batch instead of vanishing. Each
+        # batch's counts and position are taken when it is complete, so a resume can start right there.
+        held: tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]] | None = None
         for group in groups:
+            emitted += 1
+            complete = (group, ledger.drain(), self._position(worker, counted.count, emitted))
             if held is not None:
-                yield self._finish(held, ledger)
-            held = group
+                yield self._finish(*held)
+            held = complete
         if held is not None:
-            yield self._finish(held, ledger)
+            group, report, position = held
+            position["finished"] = True
+            yield self._finish(group, combine_reports(report, ledger.drain()), position)
         elif ledger.skipped and ledger.skipped == ledger.seen:
             raise DataHealthError(
                 f"worker {worker} of rank {rank} read {ledger.seen} samples from {shards} and could use none; "
                 f"most recent skips: {list(ledger.recent)}"
             )
+
+    @staticmethod
+    def _position(worker: int, consumed: int, batches: int) -> dict[str, Any]:
+        return {"worker": worker, "consumed": consumed, "batches": batches, "finished": False}
 
     def _decoded(self, samples: Iterator[dict[str, Any]], ledger: SkipLedger) -> Iterator[dict[str, Any]]:
         for raw in samples:
@@ -423,10 +488,11 @@ class ShardStream(IterableDataset):
                 return
             yield group
 
-    def _finish(self, group: list[dict[str, Any]], ledger: SkipLedger) -> dict[str, Any]:
+    def _finish(self, group: list[dict[str, Any]], health: dict[str, Any], position: dict[str, Any]) -> dict[str, Any]:
         batch = collate(group, self.decoder.fields)
         batch[TASK_KEY] = self.task
-        batch[DATA_HEALTH_KEY] = ledger.drain()
+        batch[DATA_HEALTH_KEY] = health
+        batch[STREAM_POSITION_KEY] = position
         return batch
 
 
@@ -436,12 +502,22 @@ def _current_epoch(epoch_fn: Callable[[], int | None] | None, iterations: int) -
     return iterations if epoch is None else epoch
 
 
+def derived_seed(*parts: Any) -> int:
+    """A 63-bit seed that depends on ``parts`` alone (not on Python's per-process hash salt)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 class ShardLoader(DataLoader):
     """DataLoader over a `ShardStream` (batching happens in the workers) that sets epoch and rank on every pass.
 
     ``epoch_fn`` supplies the epoch (the trainer's, so a resumed run continues the shuffle sequence);
     without it each new iteration counts as the next epoch. Workers are not persistent so each
-    epoch's workers get the stream with its new epoch.
+    epoch's workers get the stream with its new epoch; their seeds depend on (seed, epoch) alone.
+
+    Every batch leaves with the loader's whole position under ``batch["stream_position"]``:
+    ``{"epoch", "iterations", "num_workers", "last_worker", "workers": {worker: {"consumed", "batches",
+    "finished"}}}``. `resume_from` takes the position of the last batch trained on.
     """
 
     def __init__(
@@ -458,17 +534,67 @@ class ShardLoader(DataLoader):
             batch_size=None,
             num_workers=num_workers,
             pin_memory=pin_memory,
-            generator=torch.Generator().manual_seed(seed),  # deterministic worker base seeds
+            generator=torch.Generator(),  # reseeded per epoch in __iter__: deterministic worker base seeds
         )
+        self.seed = seed
         self.epoch_fn = epoch_fn
         self.iterations = 0
+        self._resume: dict[str, Any] | None = None
+
+    @property
+    def worker_count(self) -> int:
+        """Workers that read shards (the main process counts as one when num_workers is 0)."""
+        return max(self.num_workers, 1)
+
+    def resume_from(self, position: Mapping[str, Any], epoch_finished: bool) -> None:
+        """Make the next pass continue after the batch whose ``stream_position`` is ``position``.
+
+        ``epoch_finished``: that batch was the last of its epoch, so the next pass is the next epoch's
+        first (the trainer's epoch is not advanced yet when Lightning first iterates a resumed loader).
+        """
+        if position["num_workers"] != self.worker_count:
+            raise ValueError(
+                f"the checkpoint's data stream was read by {position['num_workers']} loader worker(s), this "
+                f"run has num_workers={self.num_workers}; exact resume needs the same data num_workers"
+            )
+        if epoch_finished:
+            self.iterations = position["iterations"]
+            self._resume = {"epoch": position["epoch"] + 1, "workers": {}, "rotation": 0}
+        else:
+            self.iterations = position["iterations"] - 1
+            self._resume = {
+                "epoch": position["epoch"],
+                "workers": position["workers"],
+                "rotation": (position["last_worker"] + 1) % self.worker_count,
+            }
 
     def __iter__(self):
         rank, world_size, _, _ = pytorch_worker_info()
         self.dataset.set_node(rank, world_size)
-        self.dataset.set_epoch(_current_epoch(self.epoch_fn, self.iterations))
+        resume, self._resume = self._resume, None
+        epoch = resume["epoch"] if resume else _current_epoch(self.epoch_fn, self.iterations)
         self.iterations += 1
-        return super().__iter__()
+        self.dataset.set_epoch(epoch)
+        self.dataset.set_resume(resume["workers"] if resume else {}, resume["rotation"] if resume else 0)
+        self.generator.manual_seed(derived_seed(self.seed, "workers", epoch))
+        return self._positioned(super().__iter__(), epoch, resume["workers"] if resume else {})
+
+    def _positioned(self, batches: Iterator[dict[str, Any]], epoch: int,
+                    workers: Mapping[int, Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
+        workers = {worker: dict(position) for worker, position in workers.items()}
+        iterations = self.iterations
+        for batch in batches:
+            position = dict(batch[STREAM_POSITION_KEY])
+            worker = position.pop("worker")
+            workers[worker] = position
+            batch[STREAM_POSITION_KEY] = {
+                "epoch": epoch,
+                "iterations": iterations,
+                "num_workers": self.worker_count,
+                "last_worker": worker,
+                "workers": {w: dict(p) for w, p in workers.items()},
+            }
+            yield batch
 
 
 class WeightedBatchMixture:
@@ -476,6 +602,8 @@ class WeightedBatchMixture:
 
     The draw sequence depends only on (seed, epoch), so every rank trains the same task at each step.
     A loader that runs out is restarted (its next epoch); the mixture's epoch is `batches_per_epoch`.
+    Each batch's ``stream_position`` is the mixture's: ``{"epoch", "iterations", "draws", "components":
+    {name: {"iterations", "position"}}}``, with the position of each component read in this epoch.
     """
 
     def __init__(
@@ -500,17 +628,58 @@ class WeightedBatchMixture:
         self.seed = seed
         self.epoch_fn = epoch_fn
         self.iterations = 0
+        self._resume: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
+    def resume_from(self, position: Mapping[str, Any], epoch_finished: bool) -> None:
+        """Make the next pass continue after the batch whose ``stream_position`` is ``position``
+        (``epoch_finished`` as in `ShardLoader.resume_from`)."""
+        if set(position["components"]) != set(self.names):
+            raise ValueError(
+                f"the checkpoint's data mixture has components {sorted(position['components'])}, this run has "
+                f"{self.names}; exact resume needs the same components"
+            )
+        live = {}
+        for name, component in position["components"].items():
+            loader = self.loaders[name]
+            if epoch_finished or component["position"] is None:
+                loader.iterations = component["iterations"]  # its next pass starts afresh, as it would have
+            else:
+                loader.resume_from(component["position"], epoch_finished=False)
+                live[name] = component["position"]
+        if epoch_finished:
+            self.iterations = position["iterations"]
+            self._resume = {"epoch": position["epoch"] + 1, "draws": 0, "live": {}}
+        else:
+            self.iterations = position["iterations"] - 1
+            self._resume = {"epoch": position["epoch"], "draws": position["draws"], "live": live}
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch = _current_epoch(self.epoch_fn, self.iterations)
+        resume, self._resume = self._resume, None
+        epoch = resume["epoch"] if resume else _current_epoch(self.epoch_fn, self.iterations)
         self.iterations += 1
         rng = random.Random(f"{self.seed}/mixture/{epoch}")
-        iterators: dict[str, Iterator[dict[str, Any]]] = {}
-        for name in rng.choices(self.names, weights=self.weights, k=self.batches_per_epoch):
-            yield self._next_batch(name, iterators)
+        draws = rng.choices(self.names, weights=self.weights, k=self.batches_per_epoch)
+        # Components read in this epoch before the interruption continue where they were.
+        positions: dict[str, Any] = dict(resume["live"]) if resume else {}
+        iterators: dict[str, Iterator[dict[str, Any]]] = {name: iter(self.loaders[name]) for name in positions}
+        for index in range(resume["draws"] if resume else 0, self.batches_per_epoch):
+            name = draws[index]
+            batch = self._next_batch(name, iterators)
+            positions[name] = batch[STREAM_POSITION_KEY]
+            batch[STREAM_POSITION_KEY] = {
+                "epoch": epoch,
+                "iterations": self.iterations,
+                "draws": index + 1,
+                "components": {
+                    component: {"iterations": self.loaders[component].iterations,
+                                "position": positions.get(component)}
+                    for component in self.names
+                },
+            }
+            yield batch
 
     def _next_batch(self, name: str, iterators: dict[str, Iterator[dict[str, Any]]]) -> dict[str, Any]:
         for _ in range(2):  # a finished loader gets one restart

@@ -300,6 +300,21 @@ def test_monitor_in_a_trainer_logs_counts_and_stops_a_bad_run(tmp_path):
         fit(image_text_module(bad, batch_size=8, max_skip_fraction=0.05), DataHealthMonitor(min_seen=10))
 
 
+def test_a_short_run_over_bad_data_fails_when_it_ends_naming_the_first_skip_of_each_kind(tmp_path):
+    samples = [image_text_sample(i) for i in range(40)]
+    samples[1]["png"] = b"broken"
+    for i in range(10, 34, 4):
+        samples[i]["txt"] = b""
+    bad = write_shard(tmp_path / "bad.tar", samples)
+    module = image_text_module(bad, batch_size=8, shuffle_buffer=0, max_skip_fraction=0.05)
+    with pytest.raises(DataHealthError, match="by the end of the run") as failure:
+        fit(module, DataHealthMonitor(min_seen=200))  # 7 of 40 skipped: no verdict during the run
+    message = failure.value.args[0]
+    first, recent = message.split("Most recent skips:")
+    assert "key=000001 reason=corrupt image" in first and "key=000010 reason=empty 'txt'" in first
+    assert "000001" not in recent and recent.count("reason=empty") == 5
+
+
 # ---------------------------------------------------------------- determinism and splitting
 
 

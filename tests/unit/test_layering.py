@@ -24,7 +24,8 @@ ALLOWED = {
     # LightningModules: models and loaders, plus the data layer, sharding plans and pure metrics.
     "modules": {"models", "checkpoints", "data", "distributed", "eval"},
     "thread_budget": set(),
-    "training": {"data", "thread_budget"},
+    "resume": {"data"},
+    "training": {"data", "thread_budget", "resume"},
     "benchmarks": {"models", "checkpoints", "data", "worlds", "sampling", "distributed", "modules"},
     "commands": {"models", "checkpoints", "data", "worlds", "sampling", "eval", "modules", "benchmarks",
                  "thread_budget", "training"},
