@@ -10,6 +10,7 @@ from lit_star.models.diffusion_decoder import (
     DIT_FLAVOURS,
     ConfigError,
     DecoderConfig,
+    Denoiser,
     DiffusionDecoder,
     build_scheduler,
     build_transformer,
@@ -20,6 +21,7 @@ from lit_star.models.diffusion_decoder import (
     sample_training_sigmas,
     tiny_text_encoder,
     transformer_from_lumina,
+    vq_map,
     widen_x_embedder,
 )
 
@@ -41,7 +43,7 @@ def text_parts():
 def tiny_decoder(text_parts, **overrides) -> DiffusionDecoder:
     tokenizer, encoder = text_parts
     config = tiny_config(**overrides)
-    return DiffusionDecoder(config, build_transformer(config), encoder, tokenizer).eval()
+    return DiffusionDecoder(Denoiser(config, build_transformer(config)), encoder, tokenizer).eval()
 
 
 def stock_lumina(seed: int = 0) -> Lumina2Transformer2DModel:
@@ -110,7 +112,7 @@ def test_every_conditioning_mode_reads_the_vq(text_parts, mode):
     noisy = torch.randn(2, LATENT, 8, 8)
     codes = torch.randn(2, 16, CODE_DIM)  # a 4 x 4 code grid, resized to the 8 x 8 latent
     with torch.no_grad():
-        vq = decoder.vq_map(codes, (8, 8))
+        vq = vq_map(codes, (8, 8))
         out = decoder.velocity(noisy, torch.tensor([0.2, 0.7]), embeds, mask, vq)
         out_zero = decoder.velocity(noisy, torch.tensor([0.2, 0.7]), embeds, mask, torch.zeros_like(vq))
     assert vq.shape == (2, CODE_DIM, 8, 8)
@@ -118,7 +120,7 @@ def test_every_conditioning_mode_reads_the_vq(text_parts, mode):
     assert (out - out_zero).abs().max() > 1e-4
     expected_in = LATENT + CODE_DIM if mode == "channel" else LATENT
     assert decoder.transformer.config.in_channels == expected_in
-    assert (decoder.vq_projection is None) == (mode == "channel")
+    assert (decoder.denoiser.vq_projection is None) == (mode == "channel")
 
 
 def test_vq_map_is_bilinear_without_corner_alignment(text_parts):
@@ -126,7 +128,7 @@ def test_vq_map_is_bilinear_without_corner_alignment(text_parts):
     codes = torch.randn(1, 9, CODE_DIM)
     grid = codes.view(1, 3, 3, CODE_DIM).permute(0, 3, 1, 2)
     expected = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bilinear", align_corners=False)
-    assert torch.equal(decoder.vq_map(codes, (6, 6)), expected)
+    assert torch.equal(vq_map(codes, (6, 6)), expected)
 
 
 def test_insert_after_caption_keeps_each_rows_real_tokens_first():

@@ -216,7 +216,9 @@ def transformer_from_lumina(
 
 
 def build_scheduler(shift: float = 1.0, **overrides: Any) -> FlowMatchEulerDiscreteScheduler:
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift, **overrides)
+    overrides = {k: v for k, v in overrides.items() if not k.startswith("_")}
+    overrides.setdefault("num_train_timesteps", 1000)
+    return FlowMatchEulerDiscreteScheduler(shift=shift, **overrides)
 
 
 def tiny_text_encoder(hidden_size: int = 32, num_layers: int = 2, seed: int = 0):
@@ -242,21 +244,19 @@ def tiny_text_encoder(hidden_size: int = 32, num_layers: int = 2, seed: int = 0)
     return tokenizer, model.eval()
 
 
-class DiffusionDecoder(nn.Module):
-    """The stage 3 decoder: DiT (trainable) + VAE and text encoder (frozen) + optional VQ projection.
+class Denoiser(nn.Module):
+    """The trainable part: the DiT plus, for the ``sequence`` / ``text`` modes, ``vq_projection``.
 
-    State-dict names: ``transformer.*``, ``vae.*``, ``text_encoder.*`` (the reference's ``text_encoder_one``)
-    and, for the ``sequence`` / ``text`` modes, ``vq_projection.*``.
+    ``forward`` is the velocity prediction; under FSDP2 this module is the root of the sharding plan.
     """
 
-    def __init__(self, config: DecoderConfig, transformer: ConditionedLumina2, text_encoder: nn.Module,
-                 tokenizer: Any, vae: AutoencoderKL | None = None) -> None:
+    def __init__(self, config: DecoderConfig, transformer: ConditionedLumina2) -> None:
         super().__init__()
         self.config = config
         self.transformer = transformer
-        self.vae = vae
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
+        if transformer.config.in_channels != config.in_channels:
+            raise ConfigError(f"the DiT takes {transformer.config.in_channels} input channels, the "
+                              f"{config.conditioning} mode needs {config.in_channels}")
         hidden = transformer.config.hidden_size
         if config.conditioning == "sequence":
             self.vq_projection = nn.Linear(config.codebook_dim, hidden)
@@ -264,20 +264,88 @@ class DiffusionDecoder(nn.Module):
             self.vq_projection = nn.Linear(config.codebook_dim, transformer.config.cap_feat_dim)
         else:
             self.vq_projection = None
-        if vae is not None and vae.config.latent_channels != config.latent_channels:
-            raise ConfigError(f"the VAE has {vae.config.latent_channels} latent channels, the config "
-                              f"{config.latent_channels}")
 
-    # ---- frozen parts -------------------------------------------------------------------------
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        vq: torch.Tensor,
+        source: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The DiT's prediction (x0 - noise) for ``noisy`` (B, C, H, W) at DiT ``timestep`` (1 - t/1000).
+
+        ``vq`` is the VQ map (B, D, H, W) of :func:`vq_map` (zeros for "no VQ"); ``source`` the source
+        latent (``None`` or zeros for text-to-image).
+        """
+        b, c, h, w = noisy.shape
+        if source is None:
+            source = torch.zeros_like(noisy)
+        vq = vq.to(noisy.dtype)
+        p = self.transformer.config.patch_size
+        tokens = (h // p) * (w // p)
+        condition = (tokens, 2 * tokens)  # the source rows: replaced by ori_inp_refiner after noise_refiner
+        appended = None
+        mode = self.config.conditioning
+        if mode == "channel":
+            canvas = torch.cat([torch.cat([noisy, vq], 1), torch.cat([source, vq], 1)], dim=2)
+        elif mode == "sequence":
+            canvas = torch.cat([noisy, source, torch.zeros_like(noisy)], dim=2)
+            pooled = F.avg_pool2d(vq, p) if p > 1 else vq
+            appended = self.vq_projection(pooled.flatten(2).transpose(1, 2))
+        else:
+            canvas = torch.cat([noisy, source], dim=2)
+            pooled = F.avg_pool2d(vq, p) if p > 1 else vq
+            extra = self.vq_projection(pooled.flatten(2).transpose(1, 2))
+            prompt_embeds, prompt_mask = insert_after_caption(prompt_embeds.to(extra.dtype), prompt_mask, extra)
+        out = self.transformer(canvas, timestep, prompt_embeds, prompt_mask, condition_tokens=condition,
+                               appended=appended, return_dict=False)[0]
+        return out[:, :, :h]
+
+
+def vq_map(code_vectors: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, h*w, D) or (B, h, w, D) codebook vectors -> (B, D, H, W), bilinear, ``align_corners=False``."""
+    if code_vectors.ndim == 3:
+        b, n, d = code_vectors.shape
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"{n} code vectors do not form a square grid; pass (B, h, w, D)")
+        code_vectors = code_vectors.view(b, side, side, d)
+    grid = code_vectors.permute(0, 3, 1, 2).contiguous()
+    if tuple(grid.shape[-2:]) == tuple(size):
+        return grid
+    return F.interpolate(grid, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class DiffusionDecoder(nn.Module):
+    """The stage 3 decoder: ``denoiser`` (trainable) + ``vae`` and ``text_encoder`` (frozen) + tokenizer.
+
+    State-dict names: ``denoiser.transformer.*`` (the reference's ``transformer.*``), ``vae.*``,
+    ``text_encoder.*`` (the reference's ``text_encoder_one.*``) and ``denoiser.vq_projection.*``.
+    """
+
+    def __init__(self, denoiser: Denoiser, text_encoder: nn.Module, tokenizer: Any,
+                 vae: AutoencoderKL | None = None) -> None:
+        super().__init__()
+        self.config = denoiser.config
+        self.denoiser = denoiser
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        if vae is not None and vae.config.latent_channels != self.config.latent_channels:
+            raise ConfigError(f"the VAE has {vae.config.latent_channels} latent channels, the config "
+                              f"{self.config.latent_channels}")
+
+    @property
+    def transformer(self) -> ConditionedLumina2:
+        return self.denoiser.transformer
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         parts = {"text_encoder": self.text_encoder}
         if self.vae is not None:
             parts["vae"] = self.vae
         return parts
-
-    def trainable_modules(self) -> list[nn.Module]:
-        return [m for m in (self.transformer, self.vq_projection) if m is not None]
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], system_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,60 +381,8 @@ class DiffusionDecoder(nn.Module):
         latents = latents / self.config.vae_scale + self.config.vae_shift
         return self.vae.decode(latents.to(self.vae.dtype)).sample
 
-    # ---- conditioning -------------------------------------------------------------------------
-
-    def vq_map(self, code_vectors: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """(B, h*w, D) or (B, h, w, D) codebook vectors -> (B, D, H, W), bilinear, ``align_corners=False``."""
-        if code_vectors.ndim == 3:
-            b, n, d = code_vectors.shape
-            side = math.isqrt(n)
-            if side * side != n:
-                raise ValueError(f"{n} code vectors do not form a square grid; pass (B, h, w, D)")
-            code_vectors = code_vectors.view(b, side, side, d)
-        grid = code_vectors.permute(0, 3, 1, 2).contiguous()
-        if tuple(grid.shape[-2:]) == tuple(size):
-            return grid
-        return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
-
-    def velocity(
-        self,
-        noisy: torch.Tensor,
-        timestep: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        vq: torch.Tensor,
-        source: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The DiT's prediction (x0 - noise) for ``noisy`` (B, C, H, W) at DiT ``timestep`` (1 - t/1000).
-
-        ``vq`` is the VQ map (B, D, H, W) of :meth:`vq_map` (zeros for "no VQ"); ``source`` the source
-        latent (``None`` or zeros for text-to-image).
-        """
-        b, c, h, w = noisy.shape
-        if source is None:
-            source = torch.zeros_like(noisy)
-        vq = vq.to(noisy.dtype)
-        p = self.transformer.config.patch_size
-        tokens = (h // p) * (w // p)
-        mode = self.config.conditioning
-        appended = None
-        if mode == "channel":
-            canvas = torch.cat([torch.cat([noisy, vq], 1), torch.cat([source, vq], 1)], dim=2)
-            condition = (tokens, 2 * tokens)
-        elif mode == "sequence":
-            canvas = torch.cat([noisy, source, torch.zeros_like(noisy)], dim=2)
-            pooled = F.avg_pool2d(vq, p) if p > 1 else vq
-            appended = self.vq_projection(pooled.flatten(2).transpose(1, 2))
-            condition = (tokens, 2 * tokens)
-        else:
-            canvas = torch.cat([noisy, source], dim=2)
-            pooled = F.avg_pool2d(vq, p) if p > 1 else vq
-            extra = self.vq_projection(pooled.flatten(2).transpose(1, 2))
-            prompt_embeds, prompt_mask = insert_after_caption(prompt_embeds.to(extra.dtype), prompt_mask, extra)
-            condition = (tokens, 2 * tokens)
-        out = self.transformer(canvas, timestep, prompt_embeds, prompt_mask, condition_tokens=condition,
-                               appended=appended, return_dict=False)[0]
-        return out[:, :, :h]
+    def velocity(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.denoiser(*args, **kwargs)
 
 
 def insert_after_caption(embeds: torch.Tensor, mask: torch.Tensor, extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
