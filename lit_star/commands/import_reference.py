@@ -6,7 +6,9 @@ Writes into ``--out``:
   stacked_ar.safetensors + stacked_ar.json   stack, adapter and pixel head (load with
                                              ``lit_star.models.stacked_ar.load_stacked_ar``)
   vq/                                        the ``pixel_encoder.*`` VQ (``VQModel.from_pretrained``)
-  diffusion_decoder.safetensors              ``diffusion_decoder.*`` as stored (prefix stripped)
+  diffusion_decoder/                          with --lumina: ``diffusion_decoder.*`` loaded strictly into a
+                                             DiffusionDecoder (``generate --decoder diffusion`` reads it)
+  diffusion_decoder.safetensors              without --lumina: ``diffusion_decoder.*`` as stored
   import_report.json                         key coverage per group
 
 The checkpoint's ``llm.*`` must equal the weights in ``--base`` (STAR keeps its base frozen); any
@@ -27,9 +29,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--base", type=Path, required=True, help="local Qwen2.5-VL Hugging Face directory")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--vq-config", default="star-vq", help="VQ flavour of pixel_encoder.* (lit_star.models.vq)")
+    parser.add_argument("--lumina", type=Path, default=None,
+                        help="Lumina-Image-2.0 directory giving the diffusion decoder's architecture (configs, "
+                             "tokenizer, scheduler); then diffusion_decoder.* must match it key for key")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = import_reference(args.ckpt, args.base, args.out, args.vq_config)
+    report = import_reference(args.ckpt, args.base, args.out, args.vq_config, args.lumina)
     stack, stacked = report["stack"], report["coverage"]["stacked_ar"]
     print(
         f"imported {args.ckpt}: {report['keys_in_checkpoint']} keys, {report['keys_accounted']} mapped "
@@ -39,7 +44,8 @@ def main(argv: list[str]) -> int:
         f"  stacked_ar: {stacked['matched']}/{stacked['expected']} keys"
         f" | pixel_encoder: {report['coverage']['pixel_encoder']['matched']} keys"
         f" | diffusion_decoder: {report['diffusion_decoder']['keys']} keys "
-        f"({report['diffusion_decoder']['parameters']:,} parameters, kept aside)\n"
+        f"({report['diffusion_decoder']['parameters']:,} parameters, "
+        f"{'loaded strictly' if report['diffusion_decoder']['loaded_strictly'] else 'kept aside'})\n"
         f"  wrote {args.out}"
     )
     return 0

@@ -476,3 +476,102 @@ def save_decoder_config(config: DecoderConfig, directory: str | Path) -> Path:
     path = directory / DECODER_CONFIG_FILE
     path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return path
+
+
+# ---- the reference layout (MM-MVR/STAR ``diffusion_decoder.*``) -----------------------------------
+
+# (reference prefix under ``diffusion_decoder.``, our prefix inside DiffusionDecoder)
+REFERENCE_DECODER_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("transformer.", "denoiser.transformer."),
+    ("vae.", "vae."),
+    ("text_encoder_one.", "text_encoder."),
+)
+
+
+def decoder_reference_key_to_ours(key: str) -> str | None:
+    for reference, ours in REFERENCE_DECODER_PREFIXES:
+        if key.startswith(reference):
+            return ours + key[len(reference):]
+    return None
+
+
+def decoder_key_to_reference(key: str) -> str | None:
+    for reference, ours in REFERENCE_DECODER_PREFIXES:
+        if key.startswith(ours):
+            return reference + key[len(ours):]
+    return None
+
+
+def reference_decoder_state_dict(decoder: DiffusionDecoder) -> dict[str, torch.Tensor]:
+    """Our decoder in the reference layout (keys without the ``diffusion_decoder.`` prefix)."""
+    state, unplaced = {}, []
+    for key, value in decoder.state_dict().items():
+        reference = decoder_key_to_reference(key)
+        if reference is None:
+            unplaced.append(key)
+        else:
+            state[reference] = value.detach().clone()
+    if unplaced:
+        raise KeyError(f"the reference layout has no place for {unplaced[:10]} ({decoder.config.conditioning} "
+                       "conditioning); only channel-conditioned decoders export to it")
+    return state
+
+
+def load_reference_decoder_state(decoder: DiffusionDecoder, state: dict[str, torch.Tensor], source: str) -> int:
+    """Load reference-layout ``state`` (prefix stripped) strictly: every key of both sides must match."""
+    mapped, unknown = {}, []
+    for key, value in state.items():
+        ours = decoder_reference_key_to_ours(key)
+        if ours is None:
+            unknown.append(key)
+        else:
+            mapped[ours] = value
+    expected = decoder.state_dict()
+    missing = sorted(set(expected) - set(mapped))
+    unexpected = sorted(unknown + [k for k in mapped if k not in expected])
+    shapes = sorted(k for k in mapped if k in expected and tuple(mapped[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or shapes:
+        raise KeyError(
+            f"{source}: diffusion_decoder keys do not match the decoder: "
+            f"missing {[decoder_key_to_reference(k) or k for k in missing][:20]}, unexpected {unexpected[:20]}, "
+            f"shape mismatch {[(k, tuple(mapped[k].shape), tuple(expected[k].shape)) for k in shapes][:10]}"
+        )
+    decoder.load_state_dict(mapped, strict=True)
+    return len(mapped)
+
+
+def save_decoder(decoder: DiffusionDecoder, directory: str | Path, scheduler_config: dict | None = None) -> Path:
+    """``decoder.json`` + ``decoder.safetensors`` (every part) + the tokenizer + ``scheduler.json``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    save_decoder_config(decoder.config, directory)
+    meta = {"has_vae": decoder.vae is not None,
+            "vae_config": dict(decoder.vae.config) if decoder.vae is not None else None,
+            "text_encoder_config": decoder.text_encoder.config.to_dict(),
+            "scheduler": {k: v for k, v in (scheduler_config or {}).items() if not k.startswith("_")}}
+    (directory / "parts.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
+    save_file({k: v.detach().contiguous() for k, v in decoder.state_dict().items()},
+              str(directory / DECODER_WEIGHTS_FILE))
+    decoder.tokenizer.save_pretrained(directory / "tokenizer")
+    return directory
+
+
+def load_decoder(directory: str | Path, map_location: str = "cpu"):
+    """(DiffusionDecoder, scheduler) written by :func:`save_decoder`; loads strictly."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2Model
+
+    directory = Path(directory)
+    for name in (DECODER_CONFIG_FILE, "parts.json", DECODER_WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} not found: not a saved diffusion decoder directory")
+    config = DecoderConfig.from_dict(json.loads((directory / DECODER_CONFIG_FILE).read_text()))
+    meta = json.loads((directory / "parts.json").read_text())
+    vae = AutoencoderKL.from_config(meta["vae_config"]) if meta["has_vae"] else None
+    text_config = {k: v for k, v in meta["text_encoder_config"].items() if k not in ("architectures",)}
+    text_encoder = Gemma2Model(Gemma2Config.from_dict(text_config))
+    tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", local_files_only=True)
+    decoder = DiffusionDecoder(Denoiser(config, build_transformer(config)), text_encoder, tokenizer, vae)
+    decoder.load_state_dict(load_file(str(directory / DECODER_WEIGHTS_FILE), device=map_location), strict=True)
+    return decoder.eval(), build_scheduler(**meta["scheduler"]) if meta["scheduler"] else build_scheduler()
