@@ -31,6 +31,7 @@ JOB_SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("Text-to-image with a stage 2 checkpoint (KV cache, CFG, top-k/top-p, reasoning).", "lit_star.commands.generate:main"),
     "edit": ("Edit an image with an instruction using a stage 2 checkpoint.", "lit_star.commands.generate:edit_main"),
     "understand": ("Answer a question about an image with the frozen base VLM.", "lit_star.commands.generate:understand_main"),
+    "decode": ("Decode VQ code grids/shards with the VQ or the stage 3 diffusion decoder, at any size.", "lit_star.commands.decode:main"),
     "bench": ("Benchmarks that print ratios against an in-run baseline (quantize, ar-loss, generate).", "lit_star.commands.bench:main"),
     "curriculum": ("Run the whole Shapes curriculum end to end, resuming finished stages.", "lit_star.commands.curriculum:main"),
 }

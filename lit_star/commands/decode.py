@@ -1,0 +1,125 @@
+"""Decode VQ codes into images with the VQ decoder or the stage 3 diffusion decoder, at any output size.
+
+    python -m lit_star decode --decoder vq --vq runs/shapes/stage1_vq/checkpoints/last.ckpt \\
+        --shards 'runs/shapes_world/t2i_codes/val-*.tar' --out decoded/vq
+    python -m lit_star decode --decoder diffusion --ckpt runs/shapes/stage3_diffusion_decoder/checkpoints/last.ckpt \\
+        --shards 'runs/shapes_world/t2i_codes/val-*.tar' --size 128 --out decoded/sr128 --limit 64
+    python -m lit_star decode --decoder diffusion --ckpt runs/star3b/diffusion_decoder --vq runs/star3b/vq \\
+        --codes grid.npy --prompt "a cat" --size 1024 --out decoded/cat          # 24 x 24 codes -> 1024 px
+
+``--codes`` is one ``.npy`` grid (h x w) or a batch (B x h x w); ``--shards`` are code shards written by
+``python -m lit_star tokenize`` (their captions are the prompts; ``--codes-key`` names the member). Images go to
+``OUT/<key>.png``, one ``OUT/decoded.jsonl`` row each with the settings. The diffusion decoder draws sample i
+with seed ``--seed + i``; its output side must be a multiple of the pixels per DiT patch (STAR: 16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def read_code_items(args: argparse.Namespace) -> list[dict]:
+    """``{"key", "codes" (h x w int64), "prompt"}`` from ``--codes`` or ``--shards``."""
+    items = []
+    if args.codes:
+        grid = np.load(args.codes)
+        grids = grid[None] if grid.ndim == 2 else grid
+        if grids.ndim != 3:
+            raise ValueError(f"{args.codes}: expected an h x w or B x h x w array, got shape {grid.shape}")
+        for i, g in enumerate(grids):
+            items.append({"key": f"{Path(args.codes).stem}_{i:03d}", "codes": torch.from_numpy(g.astype(np.int64)),
+                          "prompt": args.prompt or ""})
+    if args.shards:
+        from lit_star.data import ImageTextDataModule
+
+        data = ImageTextDataModule(train_shards=args.shards, image_key=None, codes_key=args.codes_key,
+                                   meta_key=None, batch_size=1, shuffle_buffer=0, shuffle_shards=False)
+        for batch in data.train_dataloader():
+            items.append({"key": batch["__key__"][0], "codes": batch["codes"][0].long(),
+                          "prompt": args.prompt or batch["caption"][0]})
+            if args.limit and len(items) >= args.limit:
+                break
+    if args.limit:
+        items = items[: args.limit]
+    if not items:
+        raise ValueError("no codes: give --codes and/or --shards")
+    return items
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lit_star decode", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--decoder", choices=["vq", "diffusion"], required=True)
+    parser.add_argument("--ckpt", help="stage 3 checkpoint (DiffusionDecoderModule .ckpt or save_decoder directory)")
+    parser.add_argument("--vq", help="VQ checkpoint (required for --decoder vq; overrides the stage 3 record)")
+    parser.add_argument("--vq-flavour", help="VQ flavour of a reference-layout VQ-Model.pt")
+    parser.add_argument("--codes", help=".npy code grid(s)")
+    parser.add_argument("--shards", help="code shards (e.g. 'runs/shapes_world/t2i_codes/val-*.tar')")
+    parser.add_argument("--codes-key", default="codes.npy")
+    parser.add_argument("--prompt", help="prompt for every grid (default: the shard captions, or '')")
+    parser.add_argument("--limit", type=int, default=0, help="decode at most this many grids (0: all)")
+    parser.add_argument("--size", type=int, help="output side in pixels (default: the VQ's code grid x downsampling)")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--guidance", type=float, default=4.5)
+    parser.add_argument("--image-guidance", type=float, default=1.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        if args.decoder == "diffusion" and not args.ckpt:
+            raise ValueError("--decoder diffusion needs --ckpt (a stage 3 checkpoint)")
+        if args.decoder == "vq" and not args.vq:
+            raise ValueError("--decoder vq needs --vq")
+        items = read_code_items(args)
+    except (OSError, ValueError) as err:
+        print(f"decode: {err}", file=sys.stderr)
+        return 2
+    written = decode_items(args, items)
+    print(f"decoded {written} grid(s) with the {args.decoder} decoder into {args.out}")
+    return 0
+
+
+def decode_items(args: argparse.Namespace, items: list[dict]) -> int:
+    from lit_star.checkpoints import load_stage3, load_vq
+    from lit_star.sampling.diffusion import GuidanceSettings, decode_codes_with_diffusion, to_pil
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.decoder == "diffusion":
+        stage3 = load_stage3(args.ckpt, vq=args.vq, vq_flavour=args.vq_flavour)
+        vq = stage3.vq
+        if vq is None:
+            raise SystemExit("decode: the stage 3 source records no VQ; pass --vq")
+        settings = GuidanceSettings(args.steps, args.guidance, args.image_guidance)
+    else:
+        vq, settings = load_vq(args.vq, args.vq_flavour), None
+    with open(args.out / "decoded.jsonl", "w", encoding="utf-8") as log:
+        for start in range(0, len(items), args.batch_size):
+            batch = items[start: start + args.batch_size]
+            codes = torch.stack([item["codes"] for item in batch])
+            size = args.size or codes.shape[-1] * vq.config.downsample_factor
+            if args.decoder == "diffusion":
+                seeds = [args.seed + start + i for i in range(len(batch))]
+                images = decode_codes_with_diffusion(stage3.decoder, stage3.scheduler, vq, codes,
+                                                     [item["prompt"] for item in batch], seeds, size, settings)
+            else:
+                with torch.no_grad():
+                    images = vq.decode_codes(codes).float().clamp(-1, 1)
+                if images.shape[-1] != size:
+                    images = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic",
+                                                             align_corners=False).clamp(-1, 1)
+            for item, image in zip(batch, to_pil(images)):
+                image.save(args.out / f"{item['key']}.png")
+                row = {"key": item["key"], "prompt": item["prompt"], "image": f"{item['key']}.png",
+                       "decoder": args.decoder, "size": size}
+                if settings is not None:
+                    row["settings"] = settings.as_dict()
+                log.write(json.dumps(row) + "\n")
+    return len(items)
