@@ -58,7 +58,7 @@ LUMINA2_DIT = dict(
 )
 DIT_FLAVOURS: dict[str, dict[str, Any]] = {
     "lumina2": LUMINA2_DIT,
-    # A mid-size DiT for benchmarks (about 60M parameters).
+    # A mid-size DiT for benchmarks (131M parameters).
     "mid": dict(patch_size=2, hidden_size=768, num_layers=8, num_refiner_layers=2, num_attention_heads=12,
                 num_kv_heads=4, multiple_of=256, norm_eps=1e-5, axes_dim_rope=(16, 24, 24),
                 axes_lens=(300, 512, 512), cap_feat_dim=768),
