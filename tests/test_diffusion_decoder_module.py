@@ -147,3 +147,39 @@ def test_config_error_in_a_recipe_is_named_by_the_cli(tmp_path, capsys):
                       "--trainer.default_root_dir", str(tmp_path)], run=False)
     text = str(error.value) + capsys.readouterr().err
     assert "channels" in text
+
+
+def test_pre_extracted_vae_latents_give_the_on_the_fly_loss(vq_dir, tmp_path):
+    """tokenize --vq --vae writes codes and the VAE posterior; training on them matches encoding on the fly."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+    from stage3_fixtures import write_tiny_lumina
+
+    from lit_star.commands.tokenize import main as tokenize
+    from lit_star.data import ImageTextDataModule
+
+    lumina = write_tiny_lumina(tmp_path / "lumina")
+    (tmp_path / "raw").mkdir()
+    with wds.TarWriter(str(tmp_path / "raw" / "train-000000.tar")) as sink:
+        for i in range(4):
+            pixels = np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            sink.write({"__key__": f"s{i}", "png": buffer.getvalue(), "txt": f"caption {i}".encode()})
+    assert tokenize(["--vq", str(vq_dir), "--vae", str(lumina / "vae"), "--shards",
+                     str(tmp_path / "raw" / "*.tar"), "--out", str(tmp_path / "tok")]) == 0
+    data = ImageTextDataModule(train_shards=str(tmp_path / "tok" / "*.tar"), resolution=32, codes_key="codes.npy",
+                               latents_key="latents.npy", meta_key=None, batch_size=4, shuffle_buffer=0)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["latents"].shape == (4, 8, 16, 16) and batch["codes"].shape == (4, 8, 8)
+    module = make_module(vq_dir, pixel_space=False, vae_path=str(lumina / "vae"))
+    module.configure_model()
+    assert set(module.frozen_checksums) == {"vq", "text_encoder", "vae"}
+    with torch.no_grad():
+        stored = module.flow_loss(module.unpack(batch, 0), dropout=False)
+        fresh_batch = {k: v for k, v in batch.items() if k not in ("latents", "codes")}
+        fresh = module.flow_loss(module.unpack(fresh_batch, 0), dropout=False)
+    assert torch.allclose(stored, fresh, rtol=2e-2), (stored, fresh)  # float16 storage of the posterior

@@ -9,6 +9,11 @@ Every input shard ``NAME.tar`` becomes ``OUT/NAME.tar`` with the same members pl
 (``{"<prefix>codes.npy": [h, w], ...}``). Shards are written to a temporary file and renamed when
 complete, so a rerun skips every finished shard and redoes only the interrupted one.
 
+``--vae DIR`` (an ``AutoencoderKL`` directory, e.g. Lumina-Image-2.0's ``vae/``) also writes, per image member,
+``<prefix>latents.npy``: the VAE posterior's mean and log-variance stacked (2C x h x w, float16), from which
+stage 3 draws its latent sample per step (``ImageTextDataModule(latents_key="latents.npy")``). ``--vq`` and
+``--vae`` may be given alone or together.
+
 ``--vq`` accepts a ``VQModule`` Lightning checkpoint (EMA weights when present), a directory written
 by ``VQModel.save_pretrained``, or a reference-layout ``VQ-Model.pt`` (give ``--flavour``).
 Unreadable images are skipped, counted and named; the run fails past ``--max-skip-fraction``.
@@ -52,9 +57,9 @@ def image_members(sample: dict) -> list[str]:
     return sorted(k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
 
 
-def codes_member(image_member: str) -> str:
+def codes_member(image_member: str, suffix: str = "codes") -> str:
     stem = image_member.rsplit(".", 1)[0] if "." in image_member else ""
-    return f"{stem}.codes.npy" if stem else "codes.npy"
+    return f"{stem}.{suffix}.npy" if stem else f"{suffix}.npy"
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -66,12 +71,14 @@ def encode_npy(array: np.ndarray) -> bytes:
 class ShardTokenizer:
     """Encodes the images of one shard at a time and writes the augmented shard atomically."""
 
-    def __init__(self, vq: VQModel, device: torch.device, batch_size: int, resolution: int | None) -> None:
-        self.vq = vq.to(device).eval()
+    def __init__(self, vq: VQModel | None, device: torch.device, batch_size: int, resolution: int | None,
+                 vae=None) -> None:
+        self.vq = vq.to(device).eval() if vq is not None else None
+        self.vae = vae.to(device).eval() if vae is not None else None
         self.device = device
         self.batch_size = batch_size
         self.resolution = resolution
-        self.dtype = codes_dtype(vq.config.codebook_size)
+        self.dtype = codes_dtype(vq.config.codebook_size) if vq is not None else None
         self.seen = 0
         self.skipped = 0
 
@@ -94,12 +101,26 @@ class ShardTokenizer:
                 codes[i] = grid.astype(self.dtype)
         return codes
 
+    @torch.no_grad()
+    def _encode_latents(self, pixels: list[torch.Tensor]) -> list[np.ndarray]:
+        """The VAE posterior (mean and log-variance, 2C x h x w, float16) of each image."""
+        out: list[np.ndarray] = []
+        for tensor in pixels:
+            posterior = self.vae.encode(tensor[None].to(self.device, self.vae.dtype)).latent_dist
+            out.append(torch.cat([posterior.mean, posterior.logvar], 1)[0].float().cpu().numpy().astype(np.float16))
+        return out
+
     def _flush(self, pending: list[dict], writer: wds.TarWriter) -> None:
         jobs = [(n, member) for n, sample in enumerate(pending) for member in image_members(sample)]
-        encoded = self._encode([pending[n]["__pixels__"][member] for n, member in jobs]) if jobs else []
-        for (n, member), grid in zip(jobs, encoded):
-            pending[n][codes_member(member)] = encode_npy(grid)
-            pending[n].setdefault("__shapes__", {})[codes_member(member)] = list(grid.shape)
+        pixels = [pending[n]["__pixels__"][member] for n, member in jobs]
+        if self.vq is not None:
+            for (n, member), grid in zip(jobs, self._encode(pixels) if jobs else []):
+                pending[n][codes_member(member)] = encode_npy(grid)
+                pending[n].setdefault("__shapes__", {})[codes_member(member)] = list(grid.shape)
+        if self.vae is not None:
+            for (n, member), latents in zip(jobs, self._encode_latents(pixels) if jobs else []):
+                pending[n][codes_member(member, "latents")] = encode_npy(latents)
+                pending[n].setdefault("__shapes__", {})[codes_member(member, "latents")] = list(latents.shape)
         for sample in pending:
             shapes = sample.pop("__shapes__", {})
             sample.pop("__pixels__")
@@ -139,7 +160,8 @@ class ShardTokenizer:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lit_star tokenize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vq", required=True, help="VQModule .ckpt, save_pretrained dir, or reference VQ-Model.pt")
+    parser.add_argument("--vq", help="VQModule .ckpt, save_pretrained dir, or reference VQ-Model.pt")
+    parser.add_argument("--vae", help="AutoencoderKL directory: also write <prefix>latents.npy (stage 3)")
     parser.add_argument("--flavour", default=None, help="VQ flavour of a reference-layout .pt (e.g. star-vq)")
     parser.add_argument("--shards", required=True, help="input shard glob, quoted: 'DIR/t2i/train-*.tar'")
     parser.add_argument("--out", required=True, help="output directory (shard names are kept)")
@@ -152,6 +174,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.vq is None and args.vae is None:
+        print("tokenize: give --vq, --vae or both", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     shards = sorted(Path(p) for p in glob.glob(args.shards))
     if not shards:
@@ -168,7 +193,13 @@ def main(argv: list[str]) -> int:
     if not todo:
         return 0
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    tokenizer = ShardTokenizer(load_vq(args.vq, args.flavour), device, args.batch_size, args.resolution)
+    vae = None
+    if args.vae is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True)
+    vq = load_vq(args.vq, args.flavour) if args.vq is not None else None
+    tokenizer = ShardTokenizer(vq, device, args.batch_size, args.resolution, vae)
     with tqdm(todo, unit="shard", desc="tokenize") as progress:
         for shard in progress:
             written = tokenizer.tokenize_shard(shard, out / shard.name)

@@ -227,9 +227,22 @@ class DiffusionDecoderModule(LightningModule):
             return images.float()
         with torch.no_grad():
             posterior = decoder.vae.encode(images.to(decoder.vae.dtype)).latent_dist
-            eps = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in generators])
-            latents = posterior.mean + posterior.std * eps.to(posterior.mean)
-            return ((latents - decoder.config.vae_shift) * decoder.config.vae_scale).float()
+            return self._sample_posterior(posterior.mean.float(), posterior.logvar.float(), generators)
+
+    def _sample_posterior(self, mean: torch.Tensor, logvar: torch.Tensor, generators: list[torch.Generator]):
+        """A latent sample (x - shift) * scale from the VAE posterior, with each sample's own generator."""
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators]).to(mean)
+        config = self.decoder.config
+        return (mean + std * eps - config.vae_shift) * config.vae_scale
+
+    def _pre_extracted_latents(self, posterior: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """``latents`` from ``tokenize --vae``: the posterior's mean and log-variance stacked along channels."""
+        posterior = posterior.float().to(self.device)
+        if self.decoder.vae is None:
+            raise KeyError("pre-extracted 'latents' need the VAE they came from (vae_path or lumina_path)")
+        mean, logvar = posterior.chunk(2, dim=1)
+        return self._sample_posterior(mean, logvar, generators)
 
     def unpack(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
         """Target latents, prompts, VQ codes, source latents and the edit flag of a batch."""
@@ -246,11 +259,13 @@ class DiffusionDecoderModule(LightningModule):
         epoch = self.current_epoch if self.training else "val"
         generators = self._generators(keys, f"{epoch}")
         if "latents" in batch:
-            latents = batch["latents"].float().to(self.device)
+            latents = self._pre_extracted_latents(batch["latents"], self._generators(keys, f"{epoch}:vae"))
         elif images is not None:
             latents = self._latents(images, self._generators(keys, f"{epoch}:vae"))
         else:
             raise KeyError(f"a stage 3 batch needs 'latents' or images; got keys {sorted(batch)}")
+        if not edit and images is None and "codes" not in batch:
+            raise KeyError(f"a text-to-image batch needs 'codes' or 'image' for the VQ; got keys {sorted(batch)}")
         codes = None if edit else self._codes(images, batch.get("codes"))
         source = None
         if edit:
