@@ -21,7 +21,7 @@ from lit_star.modules.diffusion_decoder_module import DiffusionDecoderModule  # 
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DIT = dict(patch_size=2, hidden_size=32, num_layers=1, num_refiner_layers=1, num_attention_heads=2,
-                num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(300, 80, 80), cap_feat_dim=16)
+                num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(300, 160, 160), cap_feat_dim=16)
 
 
 @pytest.fixture(scope="module")

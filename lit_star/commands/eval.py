@@ -21,7 +21,40 @@ EVALS = {
     "shapes": ("ShapesEval: GenEval-style and edit scoring by colour segmentation (--ckpt: generate first).", "lit_star.commands.eval:shapes_main"),
     "understanding": ("VQA and riddle accuracy of a base VLM or of the frozen base in a stage 2 checkpoint.", "lit_star.commands.eval:understanding_main"),
     "binding": ("Whether a stage 2 model prefers an image's own colour/shape caption (likelihood classification).", "lit_star.commands.eval:binding_main"),
+    "decoders": ("Table 7a in small: VQ decoder vs stage 3 diffusion decoders on ShapesEval's ground-truth codes.", "lit_star.commands.eval:decoders_main"),
 }
+
+
+def decoders_main(argv: list[str]) -> int:
+    import argparse
+    from pathlib import Path
+
+    from lit_star.eval.decoders import __doc__ as doc
+    from lit_star.eval.decoders import compare_decoders, format_comparison
+    from lit_star.sampling.diffusion import GuidanceSettings
+
+    parser = argparse.ArgumentParser(prog="python -m lit_star eval decoders", description=doc.split("\n\n")[0])
+    parser.add_argument("--world", required=True, type=Path)
+    parser.add_argument("--vq", required=True)
+    parser.add_argument("--stage3", action="append", default=[], help="stage 3 checkpoint (repeatable)")
+    parser.add_argument("--size", type=int, help="output side (default: the GT size; larger: super-resolution)")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--guidance", type=float, default=4.5)
+    parser.add_argument("--image-guidance", type=float, default=1.05)
+    parser.add_argument("--features", help="torch.export feature network for the Fréchet distance")
+    parser.add_argument("--limit", type=int, help="prompts per category (default: all)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results = compare_decoders(args.world, args.vq, args.stage3, args.out, args.size,
+                               GuidanceSettings(args.steps, args.guidance, args.image_guidance), args.features,
+                               args.limit)
+    print(format_comparison(results))
+    print(f"wrote {args.out / 'results.json'}")
+    return 0
 
 
 def main(argv: list[str]) -> int:
