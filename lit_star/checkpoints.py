@@ -277,8 +277,13 @@ def read_reference_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def import_reference(ckpt: Path, base_dir: Path, out: Path, vq_flavour: str) -> dict:
-    """Map ``ckpt`` onto our modules, write them to ``out`` and return the coverage report."""
+def import_reference(ckpt: Path, base_dir: Path, out: Path, vq_flavour: str, lumina_dir: Path | None = None) -> dict:
+    """Map ``ckpt`` onto our modules, write them to ``out`` and return the coverage report.
+
+    With ``lumina_dir`` (a Lumina-Image-2.0 directory, for the architecture) the ``diffusion_decoder.*`` keys
+    load strictly into a ``DiffusionDecoder`` written to ``out/diffusion_decoder``; without it they are
+    stored aside as ``diffusion_decoder.safetensors``.
+    """
     state = read_reference_checkpoint(ckpt)
     shape = infer_stack_shape(state)
     parts = split_reference_state_dict(state)
@@ -324,17 +329,231 @@ def import_reference(ckpt: Path, base_dir: Path, out: Path, vq_flavour: str) -> 
     else:
         coverage["pixel_encoder"] = {"expected": None, "matched": 0, "note": "no pixel_encoder.* keys in checkpoint"}
 
-    if parts.diffusion_decoder:
+    decoder_file = None
+    if parts.diffusion_decoder and lumina_dir is not None:
+        from lit_star.models.diffusion_decoder import save_decoder
+
+        decoder, scheduler = import_reference_decoder(parts.diffusion_decoder, Path(lumina_dir), shape.codebook_dim,
+                                                      f"{ckpt} diffusion_decoder.*")
+        save_decoder(decoder, out / "diffusion_decoder", dict(scheduler.config))
+        decoder_file = "diffusion_decoder/"
+    elif parts.diffusion_decoder:
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in parts.diffusion_decoder.items()}, str(out / DIFFUSION_DECODER_WEIGHTS))
+        decoder_file = DIFFUSION_DECODER_WEIGHTS
     report["diffusion_decoder"] = {
         "keys": len(parts.diffusion_decoder),
         "parameters": sum(v.numel() for v in parts.diffusion_decoder.values()),
-        "file": DIFFUSION_DECODER_WEIGHTS if parts.diffusion_decoder else None,
+        "file": decoder_file,
+        "loaded_strictly": bool(parts.diffusion_decoder and lumina_dir is not None),
     }
     accounted = coverage["stacked_ar"]["matched"] + len(parts.vq) + len(parts.diffusion_decoder)
     report["keys_accounted"] = accounted
     report["keys_tied_aliases"] = len(state) - accounted
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+# ---- stage 3: the diffusion decoder --------------------------------------------------------------
+
+STAGE3_CONFIG_KEY = "diffusion_decoder_config"
+STAGE3_STATE_PREFIX = "decoder.denoiser."
+LUMINA_PARTS = {"transformer": "transformer", "vae": "vae", "text_encoder": "text_encoder",
+                "tokenizer": "tokenizer", "scheduler": "scheduler"}
+
+
+@dataclass
+class DecoderSpec:
+    """Where a stage 3 decoder's parts come from (every field is a recipe field of ``DiffusionDecoderModule``).
+
+    * ``lumina_path``: a Lumina-Image-2.0 directory (``transformer/``, ``vae/``, ``text_encoder/``,
+      ``tokenizer/``, ``scheduler/``); its DiT initialises ours (``embedder_init``), the rest is frozen;
+    * otherwise ``transformer`` (a ``DIT_FLAVOURS`` name or a config dict) is built fresh, ``vae_path`` an
+      ``AutoencoderKL`` directory or ``pixel_space: true`` (no VAE), and ``text_encoder_path`` a directory with
+      a ``Gemma2Model`` and its tokenizer or ``tiny_text_encoder`` (kwargs of ``tiny_text_encoder``).
+    """
+
+    conditioning: str = "channel"
+    lumina_path: str | None = None
+    transformer: str | dict | None = None
+    embedder_init: str = "scatter"
+    vae_path: str | None = None
+    pixel_space: bool = False
+    text_encoder_path: str | None = None
+    tiny_text_encoder: dict | None = None
+    max_caption_tokens: int = 256
+    system_prompt: str | None = "default"
+    scheduler_shift: float | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Every check that needs no weights: raises ``ConfigError`` naming the field."""
+        from lit_star.models.diffusion_decoder import CONDITIONING_MODES, DIT_FLAVOURS, EMBEDDER_INITS, ConfigError
+
+        if self.conditioning not in CONDITIONING_MODES:
+            raise ConfigError(f"conditioning must be one of {list(CONDITIONING_MODES)}, got {self.conditioning!r}")
+        if self.embedder_init not in EMBEDDER_INITS:
+            raise ConfigError(f"embedder_init must be one of {list(EMBEDDER_INITS)}, got {self.embedder_init!r}")
+        if self.lumina_path is None and self.transformer is None:
+            raise ConfigError("set lumina_path (a Lumina-Image-2.0 directory) or transformer (a flavour or config)")
+        if isinstance(self.transformer, str) and self.transformer not in DIT_FLAVOURS:
+            raise ConfigError(f"transformer: unknown flavour {self.transformer!r}; choose from {sorted(DIT_FLAVOURS)}")
+        if self.lumina_path is not None:
+            for part in LUMINA_PARTS.values():
+                if not (Path(self.lumina_path) / part).is_dir():
+                    raise ConfigError(f"lumina_path: {Path(self.lumina_path) / part} is not a directory")
+        if self.pixel_space and self.vae_path is not None:
+            raise ConfigError("pixel_space and vae_path exclude each other")
+        if self.lumina_path is None and not self.pixel_space and self.vae_path is None:
+            raise ConfigError("set vae_path (an AutoencoderKL directory) or pixel_space: true")
+        if self.lumina_path is None and (self.text_encoder_path is None) == (self.tiny_text_encoder is None):
+            raise ConfigError("set exactly one of text_encoder_path and tiny_text_encoder")
+        for name in ("vae_path", "text_encoder_path"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_dir():
+                raise ConfigError(f"{name}: {value} is not a directory")
+        if self.max_caption_tokens < 1:
+            raise ConfigError(f"max_caption_tokens must be >= 1, got {self.max_caption_tokens}")
+
+
+def build_diffusion_decoder(spec: DecoderSpec, codebook_dim: int, empty: bool = False, dit_weights: bool = True):
+    """(DiffusionDecoder, FlowMatchEulerDiscreteScheduler) from ``spec``.
+
+    ``empty`` builds every part from its config without reading weights; ``dit_weights=False`` skips only the
+    Lumina DiT's (for loaders that overwrite them).
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Transformer2DModel
+    from transformers import AutoTokenizer, Gemma2Model
+
+    from lit_star.models.diffusion_decoder import (
+        DIT_FLAVOURS,
+        LUMINA2_SYSTEM_PROMPT,
+        DecoderConfig,
+        Denoiser,
+        DiffusionDecoder,
+        build_scheduler,
+        build_transformer,
+        tiny_text_encoder,
+        transformer_from_lumina,
+    )
+
+    spec.validate()
+    root = Path(spec.lumina_path) if spec.lumina_path else None
+    system_prompt = LUMINA2_SYSTEM_PROMPT if spec.system_prompt == "default" else spec.system_prompt
+    # Text encoder and tokenizer.
+    if spec.text_encoder_path is not None or root is not None:
+        encoder_dir = Path(spec.text_encoder_path) if spec.text_encoder_path else root / "text_encoder"
+        tokenizer_dir = encoder_dir if spec.text_encoder_path else root / "tokenizer"
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        if empty:
+            from transformers import AutoConfig
+
+            text_encoder = Gemma2Model(AutoConfig.from_pretrained(encoder_dir, local_files_only=True))
+        else:
+            text_encoder = Gemma2Model.from_pretrained(encoder_dir, local_files_only=True)
+    else:
+        tokenizer, text_encoder = tiny_text_encoder(**spec.tiny_text_encoder)
+    # Latent space.
+    vae = None
+    if not spec.pixel_space:
+        vae_dir = Path(spec.vae_path) if spec.vae_path else root / "vae"
+        vae = (AutoencoderKL.from_config(AutoencoderKL.load_config(vae_dir)) if empty
+               else AutoencoderKL.from_pretrained(vae_dir, local_files_only=True))
+    latent_channels = vae.config.latent_channels if vae is not None else 3
+    downsample = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    shift = float(vae.config.shift_factor or 0.0) if vae is not None else 0.0
+    scale = float(vae.config.scaling_factor) if vae is not None else 1.0
+    # The DiT.
+    if root is not None and spec.transformer is None:
+        stock_config = Lumina2Transformer2DModel.load_config(root / "transformer")
+        transformer_config = {k: v for k, v in stock_config.items()
+                              if not k.startswith("_") and k not in ("in_channels", "out_channels")}
+    elif isinstance(spec.transformer, str):
+        transformer_config = dict(DIT_FLAVOURS[spec.transformer])
+    else:
+        transformer_config = dict(spec.transformer)
+    config = DecoderConfig(
+        transformer=transformer_config, latent_channels=latent_channels, codebook_dim=codebook_dim,
+        conditioning=spec.conditioning, max_caption_tokens=spec.max_caption_tokens, system_prompt=system_prompt,
+        vae_shift=shift, vae_scale=scale, latent_downsample=downsample,
+    )
+    state = torch.random.get_rng_state()
+    torch.manual_seed(spec.seed)  # a fresh DiT / projection is the same for the same seed
+    try:
+        if root is not None and spec.transformer is None and not empty and dit_weights:
+            stock = Lumina2Transformer2DModel.from_pretrained(root / "transformer", local_files_only=True)
+            transformer = transformer_from_lumina(stock, config, spec.embedder_init)
+        else:
+            transformer = build_transformer(config)
+        denoiser = Denoiser(config, transformer)
+    finally:
+        torch.random.set_rng_state(state)
+    # The scheduler.
+    if root is not None:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler", local_files_only=True)
+        if spec.scheduler_shift is not None:
+            scheduler = build_scheduler(**dict(scheduler.config, shift=spec.scheduler_shift))
+    else:
+        scheduler = build_scheduler(shift=spec.scheduler_shift if spec.scheduler_shift is not None else 1.0)
+    return DiffusionDecoder(denoiser, text_encoder.eval(), tokenizer, vae.eval() if vae is not None else None), scheduler
+
+
+@dataclass
+class Stage3Weights:
+    """A loaded stage 3 decoder, its scheduler and its VQ (None when the source records none)."""
+
+    decoder: object
+    scheduler: object
+    vq: VQModel | None
+
+
+def import_reference_decoder(state: dict[str, torch.Tensor], lumina_dir: Path, codebook_dim: int, source: str):
+    """A ``DiffusionDecoder`` holding the reference's ``diffusion_decoder.*`` (prefix stripped), strictly.
+
+    The architecture comes from ``lumina_dir`` (a Lumina-Image-2.0 directory: configs, tokenizer, scheduler);
+    no weights are read from it.
+    """
+    from lit_star.models.diffusion_decoder import load_reference_decoder_state
+
+    decoder, scheduler = build_diffusion_decoder(DecoderSpec(lumina_path=str(lumina_dir)), codebook_dim, empty=True)
+    load_reference_decoder_state(decoder, state, source)
+    return decoder.eval(), scheduler
+
+
+def export_decoder_reference(decoder) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"state_dict": {"diffusion_decoder.<reference key>": tensor}}`` of a channel-conditioned decoder."""
+    from lit_star.models.diffusion_decoder import reference_decoder_state_dict
+    from lit_star.models.reference_format import DIFFUSION_DECODER_PREFIX
+
+    return {"state_dict": {DIFFUSION_DECODER_PREFIX + k: v for k, v in reference_decoder_state_dict(decoder).items()}}
+
+
+def load_stage3(ckpt: str | Path, vq: str | Path | None = None, vq_flavour: str | None = None) -> Stage3Weights:
+    """A ``DiffusionDecoderModule`` checkpoint (``.ckpt``) or a ``save_decoder`` directory (``import-reference``
+    writes one as ``OUT/diffusion_decoder``); ``vq`` overrides the recorded VQ (a directory's ``../vq``)."""
+    from lit_star.models.diffusion_decoder import load_decoder
+
+    ckpt = Path(ckpt)
+    if ckpt.is_dir():
+        decoder, scheduler = load_decoder(ckpt)
+        vq_path = Path(vq) if vq is not None else ckpt.parent / "vq"
+        return Stage3Weights(decoder, scheduler, load_vq(vq_path, vq_flavour) if vq_path.exists() else None)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no stage 3 checkpoint at {ckpt}")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict) or STAGE3_CONFIG_KEY not in checkpoint:
+        raise KeyError(f"{ckpt} has no {STAGE3_CONFIG_KEY!r}: not a DiffusionDecoderModule checkpoint")
+    recorded = checkpoint[STAGE3_CONFIG_KEY]
+    vq_model = load_vq(vq if vq is not None else recorded["vq_path"], vq_flavour if vq is not None else recorded["vq_flavour"])
+    spec = DecoderSpec(**recorded["spec"])
+    decoder, scheduler = build_diffusion_decoder(spec, vq_model.config.codebook_embed_dim, dit_weights=False)
+    loaded = {"vq": base_state_checksum(vq_model)}
+    loaded.update({name: base_state_checksum(module) for name, module in decoder.frozen_modules().items()})
+    changed = sorted(name for name, value in checkpoint.get(FROZEN_CHECKSUMS_KEY, {}).items() if loaded.get(name) != value)
+    if changed:
+        raise FrozenWeightsChangedError(f"{ckpt} was trained on different frozen weights ({', '.join(changed)})")
+    state = {k[len(STAGE3_STATE_PREFIX):]: v for k, v in checkpoint["state_dict"].items()
+             if k.startswith(STAGE3_STATE_PREFIX)}
+    decoder.denoiser.load_state_dict(state, strict=True)
+    return Stage3Weights(decoder.eval(), scheduler, vq_model)

@@ -182,3 +182,44 @@ def binding(ckpt: str, shards: str, out: str | None = None, model: ModelOverride
     if out:
         Path(out).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     return 0
+
+
+def decoders(
+    world: str,
+    vq: str,
+    out: str,
+    stage3: list[str] = [],
+    size: int | None = None,
+    steps: int = 40,
+    guidance: float = 4.5,
+    image_guidance: float = 1.05,
+    features: str | None = None,
+    limit: int | None = None,
+    threads: int = 1,
+) -> int:
+    """Table 7a in small: the VQ decoder against stage 3 diffusion decoders on ShapesEval's ground-truth codes.
+
+    Args:
+        world: Shapes world directory (its eval ground truth is encoded and decoded).
+        vq: the VQ checkpoint whose codes are decoded.
+        out: output folder (images per decoder and results.json).
+        stage3: stage 3 checkpoints to compare (a list).
+        size: output side (default: the ground-truth size; larger: super-resolution).
+        steps: Euler steps of the diffusion decoders.
+        guidance: their text guidance.
+        image_guidance: their image guidance.
+        features: torch.export feature network for the Fréchet distance.
+        limit: prompts per category (default: all).
+        threads: CPU threads.
+    """
+    import torch
+
+    from lit_star.eval.decoders import compare_decoders, format_comparison
+    from lit_star.sampling.diffusion import GuidanceSettings
+
+    torch.set_num_threads(threads)
+    results = compare_decoders(Path(world), vq, list(stage3), Path(out), size,
+                               GuidanceSettings(steps, guidance, image_guidance), features, limit)
+    print(format_comparison(results))
+    print(f"wrote {Path(out) / 'results.json'}")
+    return 0

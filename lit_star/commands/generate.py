@@ -7,6 +7,8 @@
         --reasoning true --out samples
     python -m lit_star edit --ckpt runs/stage2/last.ckpt --image in.png --instruction "make the circle green" --out edits
     python -m lit_star understand --ckpt runs/stage2/last.ckpt --image in.png --question "How many circles are there?"
+    python -m lit_star generate --ckpt runs/stage2/last.ckpt --prompt "a red circle" --out samples \\
+        --decoder.kind diffusion --decoder.ckpt runs/stage3/last.ckpt --decoder.size 128      # stage 3 decodes the codes
 
 ``--ckpt`` is a stage 2 checkpoint: our Lightning ``.ckpt`` or a ``save_stacked_ar`` / ``import-reference``
 directory (see :mod:`lit_star.sampling.loading`). ``--prompts`` is JSONL, one ``{"prompt": ..., "id": ...,
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lit_star.commands.options import ModelOverrides, load_model
+from lit_star.commands.options import ModelOverrides, PixelDecoder, load_model, load_pixel_decoder
 from lit_star.sampling.decoding import DecodeOptions
 from lit_star.sampling.filtering import SamplerConfig
 from lit_star.sampling.generations import (
@@ -67,6 +69,7 @@ def generate(
     reasoning: bool = False,
     reasoning_suffix: str = REFERENCE_REASONING_SUFFIX,
     max_answer_tokens: int = 64,
+    decoder: PixelDecoder = PixelDecoder(),
 ) -> int:
     """Text-to-image with a stage 2 checkpoint, optionally with implicit reasoning.
 
@@ -83,6 +86,7 @@ def generate(
         reasoning: the base answers the prompt first; its answer is drawn.
         reasoning_suffix: appended to the base's answer (the reference's quality phrase by default).
         max_answer_tokens: the base's answer budget with ``reasoning``.
+        decoder: which decoder turns the codes into pixels (the VQ's, or stage 3's diffusion decoder).
     """
     try:
         given = [prompt] if isinstance(prompt, str) else list(prompt or [])
@@ -97,10 +101,21 @@ def generate(
     star = _load_for_drawing(ckpt, model, "generate")
     if star is None:
         return 2
+    render, extra = None, {"ckpt": str(ckpt), "decoder": decoder.kind}
+    try:
+        stage3 = load_pixel_decoder(decoder, star, model, edit=False)
+        if stage3 is not None:
+            from lit_star.sampling.diffusion import diffusion_renderer
+
+            render = diffusion_renderer(stage3.decoder, stage3.scheduler, star.vq, stage3.size, stage3.settings)
+            extra.update(stage3.record())
+    except (OSError, ValueError) as err:
+        print(f"generate: {err}", file=sys.stderr)
+        return 2
     write_generations(
         star, records, Path(out), sampler, decode, batch_size,
         reasoning_suffix=reasoning_suffix if reasoning else None,
-        max_answer_tokens=max_answer_tokens, extra_settings={"ckpt": str(ckpt)},
+        max_answer_tokens=max_answer_tokens, extra_settings=extra, render=render,
     )
     print(f"wrote {len(records)} image(s) and generations.jsonl to {out}")
     return 0
@@ -123,6 +138,7 @@ def edit(
     decode: DecodeOptions = DecodeOptions(),
     seed: int = 0,
     batch_size: int = 8,
+    decoder: PixelDecoder = PixelDecoder(),
 ) -> int:
     """Edit one image with an instruction using a stage 2 checkpoint.
 
@@ -137,6 +153,7 @@ def edit(
         decode: how the decode loop runs.
         seed: the first edit's seed.
         batch_size: edits decoded together (x2 rows with guidance).
+        decoder: which decoder turns the codes into pixels (the VQ's, or stage 3's diffusion decoder).
     """
     try:
         source = _open_image(image)
@@ -149,21 +166,49 @@ def edit(
     star = _load_for_drawing(ckpt, model, "edit")
     if star is None:
         return 2
+    try:
+        stage3 = load_pixel_decoder(decoder, star, model, edit=True)
+    except (OSError, ValueError) as err:
+        print(f"edit: {err}", file=sys.stderr)
+        return 2
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {**sampler.as_dict(), "ckpt": str(ckpt), "image_size": star.image_size}
+    settings = {**sampler.as_dict(), "ckpt": str(ckpt), "image_size": star.image_size, "decoder": decoder.kind}
+    if stage3 is not None:
+        settings.update(stage3.record())
     seeds = [seed + i for i in range(num_images)]
     bar, progress = token_bar(star, len(seeds), "edit")
     with open(out_dir / "edits.jsonl", "w", encoding="utf-8") as log:
         for batch in batches(seeds, batch_size):
             codes = edit_codes(star, [source] * len(batch), [instruction] * len(batch), sampler, batch, decode, progress)
-            files = save_images(codes_to_images(star.vq, codes), [f"edit_{s}" for s in batch], out_dir)
+            if stage3 is None:
+                images = codes_to_images(star.vq, codes)
+            else:
+                images = _diffusion_edit(stage3, star, source, instruction, batch, codes)
+            files = save_images(images, [f"edit_{s}" for s in batch], out_dir)
             for sample_seed, file in zip(batch, files):
                 record = {"source": image, "instruction": instruction, "seed": sample_seed, "image": file}
                 log.write(json.dumps({**record, "settings": settings}) + "\n")
     bar.close()
     print(f"wrote {len(seeds)} edit(s) and edits.jsonl to {out}")
     return 0
+
+
+def _diffusion_edit(stage3, star: Star, source, instruction: str, seeds, codes):
+    """The stage 3 decoder's edit: the source encoded at the output size, the stack's codes as the VQ pass."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from lit_star.sampling.diffusion import edit_with_diffusion, to_pil
+
+    size = stage3.size
+    pixels = np.asarray(source.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32)
+    tensor = torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
+    images = edit_with_diffusion(stage3.decoder, stage3.scheduler, tensor[None].expand(len(seeds), -1, -1, -1),
+                                 [instruction] * len(seeds), list(seeds), vq=star.vq, codes=codes,
+                                 settings=stage3.settings)
+    return to_pil(images)
 
 
 def understand(

@@ -6,7 +6,9 @@ Writes into ``--out``:
   stacked_ar.safetensors + stacked_ar.json   stack, adapter and pixel head (load with
                                              ``lit_star.models.stacked_ar.load_stacked_ar``)
   vq/                                        the ``pixel_encoder.*`` VQ (``VQModel.from_pretrained``)
-  diffusion_decoder.safetensors              ``diffusion_decoder.*`` as stored (prefix stripped)
+  diffusion_decoder/                          with --lumina: ``diffusion_decoder.*`` loaded strictly into a
+                                             DiffusionDecoder (``generate --decoder.kind diffusion`` reads it)
+  diffusion_decoder.safetensors              without --lumina: ``diffusion_decoder.*`` as stored
   import_report.json                         key coverage per group
 
 The checkpoint's ``llm.*`` must equal the weights in ``--base`` (STAR keeps its base frozen); any
@@ -20,7 +22,7 @@ from pathlib import Path
 from lit_star.checkpoints import import_reference as import_reference_checkpoint
 
 
-def import_reference(ckpt: str, base: str, out: str, vq_config: str = "star-vq") -> int:
+def import_reference(ckpt: str, base: str, out: str, vq_config: str = "star-vq", lumina: str | None = None) -> int:
     """Import a released STAR checkpoint (MM-MVR/STAR layout) with exact key coverage.
 
     Args:
@@ -28,10 +30,13 @@ def import_reference(ckpt: str, base: str, out: str, vq_config: str = "star-vq")
         base: local Qwen2.5-VL Hugging Face directory the checkpoint was trained on.
         out: output directory.
         vq_config: VQ flavour of ``pixel_encoder.*`` (``lit_star.models.vq``).
+        lumina: Lumina-Image-2.0 directory giving the diffusion decoder's architecture (configs, tokenizer,
+            scheduler); then ``diffusion_decoder.*`` must match it key for key.
     """
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = import_reference_checkpoint(Path(ckpt), Path(base), out_dir, vq_config)
+    report = import_reference_checkpoint(Path(ckpt), Path(base), out_dir, vq_config,
+                                         Path(lumina) if lumina is not None else None)
     stack, stacked = report["stack"], report["coverage"]["stacked_ar"]
     print(
         f"imported {ckpt}: {report['keys_in_checkpoint']} keys, {report['keys_accounted']} mapped "
@@ -41,7 +46,8 @@ def import_reference(ckpt: str, base: str, out: str, vq_config: str = "star-vq")
         f"  stacked_ar: {stacked['matched']}/{stacked['expected']} keys"
         f" | pixel_encoder: {report['coverage']['pixel_encoder']['matched']} keys"
         f" | diffusion_decoder: {report['diffusion_decoder']['keys']} keys "
-        f"({report['diffusion_decoder']['parameters']:,} parameters, kept aside)\n"
+        f"({report['diffusion_decoder']['parameters']:,} parameters, "
+        f"{'loaded strictly' if report['diffusion_decoder']['loaded_strictly'] else 'kept aside'})\n"
         f"  wrote {out_dir}"
     )
     return 0

@@ -9,6 +9,11 @@ Every input shard ``NAME.tar`` becomes ``OUT/NAME.tar`` with the same members pl
 (``{"<prefix>codes.npy": [h, w], ...}``). Shards are written to a temporary file and renamed when
 complete, so a rerun skips every finished shard and redoes only the interrupted one.
 
+``--vae DIR`` (an ``AutoencoderKL`` directory, e.g. Lumina-Image-2.0's ``vae/``) also writes, per image member,
+``<prefix>latents.npy``: the VAE posterior's mean and log-variance stacked (2C x h x w, float16), from which
+stage 3 draws its latent sample per step (``ImageTextDataModule(latents_key="latents.npy")``). ``--vq`` and
+``--vae`` may be given alone or together.
+
 ``--vq`` accepts a ``VQModule`` Lightning checkpoint (EMA weights when present), a directory written
 by ``VQModel.save_pretrained``, or a reference-layout ``VQ-Model.pt`` (give ``--flavour``).
 Unreadable images are skipped, counted and named; the run fails past ``--max_skip_fraction``.
@@ -51,9 +56,9 @@ def image_members(sample: dict) -> list[str]:
     return sorted(k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
 
 
-def codes_member(image_member: str) -> str:
+def codes_member(image_member: str, suffix: str = "codes") -> str:
     stem = image_member.rsplit(".", 1)[0] if "." in image_member else ""
-    return f"{stem}.codes.npy" if stem else "codes.npy"
+    return f"{stem}.{suffix}.npy" if stem else f"{suffix}.npy"
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -65,12 +70,14 @@ def encode_npy(array: np.ndarray) -> bytes:
 class ShardTokenizer:
     """Encodes the images of one shard at a time and writes the augmented shard atomically."""
 
-    def __init__(self, vq: VQModel, device: torch.device, batch_size: int, resolution: int | None) -> None:
-        self.vq = vq.to(device).eval()
+    def __init__(self, vq: VQModel | None, device: torch.device, batch_size: int, resolution: int | None,
+                 vae=None) -> None:
+        self.vq = vq.to(device).eval() if vq is not None else None
+        self.vae = vae.to(device).eval() if vae is not None else None
         self.device = device
         self.batch_size = batch_size
         self.resolution = resolution
-        self.dtype = codes_dtype(vq.config.codebook_size)
+        self.dtype = codes_dtype(vq.config.codebook_size) if vq is not None else None
         self.seen = 0
         self.skipped = 0
 
@@ -93,12 +100,26 @@ class ShardTokenizer:
                 codes[i] = grid.astype(self.dtype)
         return codes
 
+    @torch.no_grad()
+    def _encode_latents(self, pixels: list[torch.Tensor]) -> list[np.ndarray]:
+        """The VAE posterior (mean and log-variance, 2C x h x w, float16) of each image."""
+        out: list[np.ndarray] = []
+        for tensor in pixels:
+            posterior = self.vae.encode(tensor[None].to(self.device, self.vae.dtype)).latent_dist
+            out.append(torch.cat([posterior.mean, posterior.logvar], 1)[0].float().cpu().numpy().astype(np.float16))
+        return out
+
     def _flush(self, pending: list[dict], writer: wds.TarWriter) -> None:
         jobs = [(n, member) for n, sample in enumerate(pending) for member in image_members(sample)]
-        encoded = self._encode([pending[n]["__pixels__"][member] for n, member in jobs]) if jobs else []
-        for (n, member), grid in zip(jobs, encoded):
-            pending[n][codes_member(member)] = encode_npy(grid)
-            pending[n].setdefault("__shapes__", {})[codes_member(member)] = list(grid.shape)
+        pixels = [pending[n]["__pixels__"][member] for n, member in jobs]
+        if self.vq is not None:
+            for (n, member), grid in zip(jobs, self._encode(pixels) if jobs else []):
+                pending[n][codes_member(member)] = encode_npy(grid)
+                pending[n].setdefault("__shapes__", {})[codes_member(member)] = list(grid.shape)
+        if self.vae is not None:
+            for (n, member), latents in zip(jobs, self._encode_latents(pixels) if jobs else []):
+                pending[n][codes_member(member, "latents")] = encode_npy(latents)
+                pending[n].setdefault("__shapes__", {})[codes_member(member, "latents")] = list(latents.shape)
         for sample in pending:
             shapes = sample.pop("__shapes__", {})
             sample.pop("__pixels__")
@@ -137,27 +158,32 @@ class ShardTokenizer:
 
 
 def tokenize(
-    vq: str,
     shards: str,
     out: str,
+    vq: str | None = None,
+    vae: str | None = None,
     flavour: str | None = None,
     batch_size: int = 64,
     resolution: int | None = None,
     device: str = "auto",
     max_skip_fraction: float = 0.01,
 ) -> int:
-    """Encode image shards into VQ code shards with a VQ checkpoint (resumable: finished shards are skipped).
+    """Encode image shards into VQ code shards and/or VAE latents (resumable: finished shards are skipped).
 
     Args:
-        vq: VQModule .ckpt, save_pretrained directory, or reference VQ-Model.pt (give ``flavour``).
         shards: input shard glob, quoted: ``'DIR/t2i/train-*.tar'``.
         out: output directory (shard names are kept).
+        vq: VQModule .ckpt, save_pretrained directory, or reference VQ-Model.pt (give ``flavour``).
+        vae: AutoencoderKL directory: also write ``<prefix>latents.npy`` (stage 3).
         flavour: VQ flavour of a reference-layout .pt (e.g. star-vq).
         batch_size: images encoded together.
         resolution: resize + centre-crop first (default: native size).
         device: ``auto`` (cuda if available), cpu, cuda, cuda:1, ...
         max_skip_fraction: fail when more than this share of samples is unreadable.
     """
+    if vq is None and vae is None:
+        print("tokenize: give --vq, --vae or both", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     shard_paths = sorted(Path(p) for p in glob.glob(shards))
     if not shard_paths:
@@ -174,7 +200,13 @@ def tokenize(
     if not todo:
         return 0
     torch_device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    tokenizer = ShardTokenizer(load_vq(vq, flavour), torch_device, batch_size, resolution)
+    vae_model = None
+    if vae is not None:
+        from diffusers import AutoencoderKL
+
+        vae_model = AutoencoderKL.from_pretrained(vae, local_files_only=True)
+    vq_model = load_vq(vq, flavour) if vq is not None else None
+    tokenizer = ShardTokenizer(vq_model, torch_device, batch_size, resolution, vae_model)
     with tqdm(todo, unit="shard", desc="tokenize") as progress:
         for shard in progress:
             written = tokenizer.tokenize_shard(shard, out_dir / shard.name)

@@ -184,6 +184,7 @@ class ImageTextDataModule(ShardDataModule):
         image_key: image member, e.g. ``png`` or ``jpg;png``; ``None`` to read only pre-tokenized codes.
         caption_key, meta_key: caption text and JSON metadata members (``meta_key: null`` for none).
         codes_key: pre-tokenized code grid (``codes.npy`` after ``python -m lit_star tokenize``); ``None`` skips it.
+        latents_key: pre-extracted VAE posterior (``latents.npy`` after ``tokenize --vae``; stage 3); ``None`` skips it.
         **kwargs: the shard, batching and seeding arguments of `ShardDataModule`.
     """
 
@@ -196,12 +197,14 @@ class ImageTextDataModule(ShardDataModule):
         caption_key: str = "txt",
         meta_key: str | None = "json",
         codes_key: str | None = None,
+        latents_key: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if image_key is None and codes_key is None:
-            raise ValueError("ImageTextDataModule needs image_key, codes_key or both")
+        if image_key is None and codes_key is None and latents_key is None:
+            raise ValueError("ImageTextDataModule needs image_key, codes_key, latents_key or a combination")
         self.resolution = resolution
         self.image_key, self.caption_key, self.meta_key, self.codes_key = image_key, caption_key, meta_key, codes_key
+        self.latents_key = latents_key
         super().__init__(**kwargs)
 
     def fields(self) -> list[Field]:
@@ -210,6 +213,8 @@ class ImageTextDataModule(ShardDataModule):
             fields.insert(0, Field("image", self.image_key, "image"))
         if self.codes_key is not None:
             fields.append(Field("codes", self.codes_key, "codes"))
+        if self.latents_key is not None:
+            fields.append(Field("latents", self.latents_key, "latents"))
         return fields
 
 

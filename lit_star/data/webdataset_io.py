@@ -52,7 +52,7 @@ def reproducible_tar_writer(target) -> wds.TarWriter:
                          user="lit_star", group="lit_star")
 
 
-FieldKind = Literal["image", "text", "json", "codes", "conversation"]
+FieldKind = Literal["image", "text", "json", "codes", "latents", "conversation"]
 CONVERSATION_ROLES = ("system", "user", "assistant")
 TASK_KEY = "task"
 STREAM_POSITION_KEY = "stream_position"
@@ -228,6 +228,8 @@ class SampleDecoder:
             except ValueError as exc:
                 raise SkipSample(f"invalid json {ext!r}: {exc}") from None
             return _check_conversation(ext, value) if field.kind == "conversation" else value
+        if field.kind == "latents":
+            return _decode_latents(ext, data)
         return _decode_codes(ext, data)
 
 
@@ -255,12 +257,23 @@ def _decode_codes(ext: str, data: bytes) -> torch.Tensor:
     return torch.from_numpy(codes.astype(np.int64))
 
 
+def _decode_latents(ext: str, data: bytes) -> torch.Tensor:
+    """A pre-extracted VAE posterior (``tokenize --vae``): C2 x h x w float (mean and log-variance stacked)."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001
+        raise SkipSample(f"unreadable {ext!r}: {exc}") from None
+    if array.dtype.kind != "f" or array.ndim != 3:
+        raise SkipSample(f"{ext!r} must be a 3-D float array (channels x h x w), got {array.dtype} {array.shape}")
+    return torch.from_numpy(array.astype(np.float32))
+
+
 def collate(samples: Sequence[Mapping[str, Any]], fields: Sequence[Field]) -> dict[str, Any]:
     """Stack image and codes fields into tensors; keep texts and metadata as lists."""
     batch: dict[str, Any] = {"__key__": [sample["__key__"] for sample in samples]}
     for field in fields:
         values = [sample[field.name] for sample in samples]
-        if field.kind in ("image", "codes"):
+        if field.kind in ("image", "codes", "latents"):
             shapes = {tuple(value.shape) for value in values}
             if len(shapes) > 1:
                 raise ValueError(

@@ -85,12 +85,15 @@ def write_generations(
     reasoning_suffix: str | None = None,
     max_answer_tokens: int = 64,
     extra_settings: dict | None = None,
+    render: Callable[[object, list[str], list[int]], list[Image.Image]] | None = None,
 ) -> list[dict]:
     """Generate ``OUT/<id>.png`` for records carrying ``prompt``, ``id`` and ``seed`` (see
     :func:`assign_ids_and_seeds`) and log each, with the settings, to ``OUT/generations.jsonl``.
 
     ``reasoning_suffix`` not None switches on implicit reasoning (the base answers first). Returns the
-    logged rows (also what ``eval shapes --ckpt`` can score from).
+    logged rows (also what ``eval shapes --ckpt`` can score from). ``render(codes, prompts, seeds)`` turns
+    the codes into images (default: the stage 2 VQ's decoder; :func:`lit_star.sampling.diffusion.diffusion_renderer`
+    for the stage 3 decoder).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +115,8 @@ def write_generations(
                 extra = [{"answer": a, "generation_prompt": g} for a, g in zip(reasoned.answers, reasoned.generation_prompts)]
             else:
                 codes = generate_codes(star, prompts, sampler, seeds, options, progress)
-            files = save_images(codes_to_images(star.vq, codes), [r["id"] for r in batch], out)
+            images = codes_to_images(star.vq, codes) if render is None else render(codes, prompts, seeds)
+            files = save_images(images, [r["id"] for r in batch], out)
             for record, file, more in zip(batch, files, extra):
                 rows.append({**record, **more, "image": file, "settings": settings})
                 log.write(json.dumps(rows[-1]) + "\n")

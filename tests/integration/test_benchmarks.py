@@ -47,3 +47,11 @@ def test_bench_train_step_compares_compiled_and_eager_steps(tmp_path):
     assert result["first_loss_relative_difference"] <= 1e-5
     assert len(result["losses"]["eager"]) == len(result["losses"]["compiled"]) == 3
     assert result["eager_ms_per_step"] > 0 and result["compiled_ms_per_step"] > 0
+
+
+def test_bench_decode_compares_batched_and_sequential_guidance_rows(tmp_path):
+    from lit_star.benchmarks.decode import bench
+
+    assert bench(flavours=["tiny"], size=8, steps=2, min_ratio=0, json=str(tmp_path / "bench.json")) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())["flavours"]["tiny"]
+    assert result["same_latents"] and result["step_s_batched"] > 0 and result["ratio"] > 0
