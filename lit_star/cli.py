@@ -33,6 +33,7 @@ JOB_SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "understand": ("Answer a question about an image with the frozen base VLM.", "lit_star.commands.generate:understand_main"),
     "bench": ("Benchmarks that print ratios against an in-run baseline (quantize, ar-loss, generate).", "lit_star.commands.bench:main"),
     "curriculum": ("Run the whole Shapes curriculum end to end, resuming finished stages.", "lit_star.commands.curriculum:main"),
+    "sweep": ("Ablation sweeps: `sweep run FILE` (local or SLURM, resumable), `sweep status DIR`, `sweep collect DIR`.", "lit_star.commands.sweep:main"),
 }
 
 
