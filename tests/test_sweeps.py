@@ -64,7 +64,8 @@ def test_grid_expands_to_the_product_plus_points_times_seeds_with_later_override
     assert [p.name for p in sweep.points] == ["learning_rate=0.1,max_steps=2", "learning_rate=0.2,max_steps=2",
                                               "learning_rate=0.1,max_steps=4", "learning_rate=0.2,max_steps=4", "long"]
     runs = expand_runs(sweep, tmp_path / "out")
-    assert len(runs) == 10 and [r.seed for r in runs[:2]] == [0, 1]
+    # seed-major: every point's seed 0 first, so a sweep cut short still has whole rows
+    assert len(runs) == 10 and [r.seed for r in runs] == [0] * 5 + [1] * 5
     first = runs[0]
     assert first.run_dir == str(tmp_path / "out/learning_rate=0.1,max_steps=2/seed0")
     # the point's learning rate wins over the sweep-wide 0.5; the seed and run directory come last
@@ -76,8 +77,8 @@ def test_grid_expands_to_the_product_plus_points_times_seeds_with_later_override
     assert first.evals[0]["argv"][3] == f"{first.run_dir}/checkpoints/last.ckpt"
     assert first.evals[0]["argv"][-1] == f"{first.run_dir}/eval/learning_rate=0.1,max_steps=2_s0"
     assert first.evals[0]["output"] == f"{first.run_dir}/eval/score.json"
-    long = runs[-1]
-    assert long.fit_argv.count("--config") == 2 and _argv_value(long.fit_argv, "--trainer.max_steps") == "8"
+    long = runs[4]
+    assert long.point == "long" and long.fit_argv.count("--config") == 2 and _argv_value(long.fit_argv, "--trainer.max_steps") == "8"
     assert _argv_value(long.fit_argv, "--model.init_args.learning_rate") == "0.5"
 
 
@@ -352,3 +353,30 @@ def test_every_sweep_file_in_recipes_loads_and_expands(tmp_path):
         runs = expand_runs(sweep, tmp_path / path.stem)
         assert runs and all(r.fit_argv[0] == "fit" for r in runs), path
         assert sweep.raw.get("metrics"), f"{path} collects no metric"
+
+
+def test_sweeps_sharing_runs_dir_train_a_common_point_once_and_refuse_a_changed_one(tmp_path, recipe, capsys):
+    shared = str(tmp_path / "shared_runs")
+    grid_a = {"model.init_args.learning_rate": [0.1, 0.2], "trainer.max_steps": [4]}
+    grid_b = {"model.init_args.learning_rate": [0.1], "trainer.max_steps": [4, 6]}
+    a = load_sweep(_sweep_file(tmp_path, recipe, points=None, baseline=None, runs_dir=shared, grid=grid_a))
+    runs_a = prepare(a, tmp_path / "a", check=False, log=lambda _: None)
+    b = load_sweep(_sweep_file(tmp_path, recipe, points=None, baseline=None, runs_dir=shared, grid=grid_b))
+    runs_b = prepare(b, tmp_path / "b", check=False, log=lambda _: None)
+    common = {r.run_dir for r in runs_a} & {r.run_dir for r in runs_b}
+    assert common == {f"{shared}/learning_rate=0.1,max_steps=4/seed0", f"{shared}/learning_rate=0.1,max_steps=4/seed1"}
+    changed = load_sweep(_sweep_file(tmp_path, recipe, points=None, baseline=None, runs_dir=shared, grid=grid_a,
+                                     overrides={"trainer.limit_val_batches": 2}))
+    with pytest.raises(SweepError, match="holds a run made with other fit arguments"):
+        prepare(changed, tmp_path / "a", check=False, log=lambda _: None)
+
+
+def test_seeds_and_points_flags_launch_a_subset_but_the_index_lists_every_run(tmp_path, recipe, capsys):
+    path = _sweep_file(tmp_path, recipe, evals=None)
+    out = tmp_path / "out"
+    assert sweep_command.main(["run", path, "--out", str(out), "--seeds", "1", "--points", "long", "--dry-run",
+                               "--no-check"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("# ") == 1 and "# long seed 1" in printed
+    assert sweep_command.main(["run", path, "--out", str(out), "--seeds", "7", "--no-check"]) == 2
+    assert "--seeds [7] are not seeds of the sweep file" in capsys.readouterr().err

@@ -56,7 +56,9 @@ def run_main(argv: list[str]) -> int:
     parser.add_argument("--gpus-per-node", type=int, help="SLURM GPUs per node (overrides slurm.gpus_per_node)")
     parser.add_argument("--nodes", type=int, help="SLURM nodes per run (overrides slurm.nodes)")
     parser.add_argument("--time", type=int, help="SLURM time limit per job in minutes (overrides slurm.time)")
-    parser.add_argument("--seeds", help="comma-separated seeds replacing the file's (e.g. 0 for a quick look)")
+    parser.add_argument("--seeds", help="launch only these seeds now (comma-separated, from the file's seeds); "
+                                         "the sweep directory still lists every run")
+    parser.add_argument("--points", help="launch only these points now (comma-separated names)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip checking every run's fit arguments with LightningCLI's parser")
     args = parser.parse_args(argv)
@@ -64,8 +66,6 @@ def run_main(argv: list[str]) -> int:
         parser.error("--max-parallel must be at least 1")
 
     overrides: dict = {}
-    if args.seeds:
-        overrides["seeds"] = [int(s) for s in args.seeds.split(",")]
     slurm_flags = {k: v for k, v in {"partition": args.partition, "gpus_per_node": args.gpus_per_node,
                                       "nodes": args.nodes, "time": args.time}.items() if v is not None}
     if slurm_flags:
@@ -77,7 +77,19 @@ def run_main(argv: list[str]) -> int:
         extra = launch.slurm_fit_args(slurm_settings) if args.launcher == "slurm" else []
         runs = prepare(sweep, sweep_dir, extra_fit_args=extra, check=not args.no_check, write=not args.dry_run,
                        log=_print)
-    except (SweepError, FileNotFoundError) as err:
+        if args.seeds:
+            wanted = [int(seed) for seed in args.seeds.split(",")]
+            unknown = sorted(set(wanted) - set(sweep.seeds))
+            if unknown:
+                raise SweepError(f"--seeds {unknown} are not seeds of the sweep file: {sweep.seeds}")
+            runs = [run for run in runs if run.seed in wanted]
+        if args.points:
+            wanted_points = args.points.split(",")
+            unknown = sorted(set(wanted_points) - {p.name for p in sweep.points})
+            if unknown:
+                raise SweepError(f"--points {unknown} are not points of the sweep: {[p.name for p in sweep.points]}")
+            runs = [run for run in runs if run.point in wanted_points]
+    except (SweepError, FileNotFoundError, ValueError) as err:
         print(f"sweep run: {err}", file=sys.stderr)
         return 2
 

@@ -8,7 +8,8 @@ The same functions serve ``python -m lit_star sweep collect DIR`` and ``notebook
     plot_metric(results, "val_loss")
 
 A metric is a TensorBoard scalar of the run (``tensorboard: val/loss``; ``reduce`` last/min/max/mean over
-the logged steps, or the value at ``step``) or a value in an eval's JSON file (``json: eval/binding.json``,
+the logged steps, or the value at ``step``; ``dir`` another event folder under the run directory, e.g. the
+``stage2/tensorboard`` of a fit run as an eval step) or a value in an eval's JSON file (``json: eval/binding.json``,
 relative to the run directory, ``key: colour``; dotted for nested keys, integers index lists).
 """
 
@@ -52,13 +53,13 @@ def load_index(sweep_dir: str | Path) -> dict:
 # --------------------------------------------------------------------------------------- reading
 
 
-def _tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+def _tensorboard_scalars(run_dir: Path, tag: str, folder: str = "tensorboard") -> list[tuple[int, float]]:
     """(step, value) of ``tag`` over every event file of the run, the latest write winning per step (a
     resumed run logs the steps after its checkpoint again)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     by_step: dict[int, tuple[float, float]] = {}
-    for events in sorted((run_dir / "tensorboard").rglob("events.out.tfevents.*")):
+    for events in sorted((run_dir / folder).rglob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
         accumulator.Reload()
         if tag not in accumulator.Tags().get("scalars", []):
@@ -84,7 +85,7 @@ def read_metric(run_dir: str | Path, spec: dict) -> float | None:
     """One metric of one run, or None when the run has not produced it (yet)."""
     run_dir = Path(run_dir)
     if "tensorboard" in spec:
-        scalars = _tensorboard_scalars(run_dir, str(spec["tensorboard"]))
+        scalars = _tensorboard_scalars(run_dir, str(spec["tensorboard"]), str(spec.get("dir", "tensorboard")))
         if not scalars:
             return None
         if spec.get("step") is not None:
@@ -245,10 +246,10 @@ def write_csv(results: Results, path: str | Path) -> None:
 
 def _x_values(results: Results) -> tuple[str | None, list[Any]]:
     """The axis to plot against (the grid's first axis), or None to plot by point name."""
-    if not results.axes:
+    varying = [a for a in results.axes if len({json.dumps(e.get(a), default=str) for e in results.table}) > 1]
+    if not varying:
         return None, [e["point"] for e in results.table]
-    axis = results.axes[0]
-    return axis, [e.get(axis) for e in results.table]
+    return varying[0], [e.get(varying[0]) for e in results.table]
 
 
 def plot_metric(results: Results, metric: str, ax=None):
@@ -262,7 +263,8 @@ def plot_metric(results: Results, metric: str, ax=None):
     numeric = axis is not None and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
     categories = list(dict.fromkeys(xs))
     position = (lambda x: x) if numeric else (lambda x: categories.index(x))
-    others = results.axes[1:]
+    others = [a for a in results.axes if a != axis
+              and len({json.dumps(e.get(a), default=str) for e in results.table}) > 1]
     groups: dict[tuple, list[dict]] = {}
     for entry in results.table:
         groups.setdefault(tuple(entry.get(a) for a in others), []).append(entry)

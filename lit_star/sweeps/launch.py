@@ -328,6 +328,7 @@ def sbatch_script(params: dict, folder: str | Path, python: str | None = None) -
     from submitit.slurm.slurm import _make_sbatch_string
 
     python = shlex.quote(python or sys.executable)
+    folder = Path(folder).absolute()  # as submitit's executor makes it
     command = " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
     params = dict(params)
     runs = params.pop("map_count", None)

@@ -20,8 +20,10 @@ def prepare(sweep: Sweep, sweep_dir: str | Path, extra_fit_args: list[str] | Non
     """Expand the sweep, check every run's files and (``check``) its fit arguments with LightningCLI's parser,
     all before anything is launched; with ``write``, create each run directory with ``sweep/run.json`` and
     ``resolved_config.yaml``, and the sweep directory's index (what ``collect`` and ``status`` read)."""
-    runs = expand_runs(sweep, sweep_dir, extra_fit_args)
+    runs_dir = sweep.raw.get("runs_dir")
+    runs = expand_runs(sweep, sweep_dir, extra_fit_args, runs_dir=str(runs_dir) if runs_dir else None)
     check_files(runs, sweep)
+    check_existing(runs, sweep)
     configs: dict[str, str] = {}
     if check:
         from lit_star.sweeps.check import resolved_fit_config
@@ -43,6 +45,20 @@ def prepare(sweep: Sweep, sweep_dir: str | Path, extra_fit_args: list[str] | Non
             if run.run_dir in configs:
                 (Path(run.run_dir) / "resolved_config.yaml").write_text(configs[run.run_dir])
     return runs
+
+
+def check_existing(runs: list[Run], sweep: Sweep) -> None:
+    """A run directory made earlier with other fit arguments (an edited sweep file, another sweep sharing
+    ``runs_dir``) would be skipped as done or resumed with the wrong settings: refuse, naming both."""
+    for run in runs:
+        path = Path(run.run_dir) / "sweep" / "run.json"
+        if not path.is_file():
+            continue
+        before = json.loads(path.read_text()).get("fit_argv")
+        if before != run.fit_argv:
+            raise SweepError(f"{sweep.path}: point {run.point!r} seed {run.seed}: {run.run_dir} holds a run made "
+                             f"with other fit arguments\n  then: {' '.join(before or [])}\n  now:  "
+                             f"{' '.join(run.fit_argv)}\nuse another --out (or runs_dir), or delete that directory")
 
 
 def write_index(sweep: Sweep, sweep_dir: str | Path, runs: list[Run]) -> Path:

@@ -24,11 +24,11 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-TOP_LEVEL_KEYS = {"name", "description", "sweep_dir", "configs", "overrides", "env", "grid", "points", "seeds",
+TOP_LEVEL_KEYS = {"name", "description", "sweep_dir", "runs_dir", "configs", "overrides", "env", "grid", "points", "seeds",
                   "evals", "metrics", "baseline", "local", "slurm"}
 POINT_KEYS = {"name", "configs", "overrides"}
 EVAL_KEYS = {"name", "argv", "output"}
-METRIC_KEYS = {"tensorboard", "json", "key", "reduce", "step", "label"}
+METRIC_KEYS = {"tensorboard", "dir", "json", "key", "reduce", "step", "label"}
 LOCAL_KEYS = {"threads", "gpus", "gpus_per_run", "timeout_min"}
 SLURM_KEYS = {"partition", "gpus_per_node", "nodes", "time", "cpus_per_task", "mem", "account", "qos",
               "constraint", "setup", "additional_parameters", "job_name"}
@@ -228,8 +228,8 @@ def _option(value: dict, where: str, label: str) -> tuple[str, tuple[str, ...], 
         raise _fail(label, f"{where}.overrides must be a mapping of dotted key -> value")
     for key in overrides:
         _check_key(key, f"{where}.overrides", label)
-    if not configs and not overrides:
-        raise _fail(label, f"{where} sets nothing: give it configs and/or overrides")
+    if not configs and not overrides and "name" not in value:
+        raise _fail(label, f"{where} sets nothing: give it configs and/or overrides (or a name: the base as it is)")
     items = tuple((str(k), v) for k, v in overrides.items())
     name = str(value["name"]) if "name" in value else point_name(items or tuple(("config", Path(c).stem) for c in configs))
     if "name" in value and not re.fullmatch(r"[A-Za-z0-9_.=+,-]+", name):
@@ -297,16 +297,24 @@ def run_dir_of(sweep_dir: str | Path, point: str, seed: int) -> Path:
     return Path(sweep_dir) / point / f"seed{seed}"
 
 
-def expand_runs(sweep: Sweep, sweep_dir: str | Path, extra_fit_args: list[str] | None = None) -> list[Run]:
+def expand_runs(sweep: Sweep, sweep_dir: str | Path, extra_fit_args: list[str] | None = None,
+                runs_dir: str | Path | None = None) -> list[Run]:
     """Every (point, seed) of the sweep, its ``fit`` argv and evals resolved (``${run_dir}`` etc.).
+
+    Run directories are ``<runs_dir>/<point>/seed<S>``; ``runs_dir`` defaults to the sweep directory. Two
+    sweeps that share a ``runs_dir`` share the runs of the points they have in common (same name, same
+    arguments), so a point is trained once.
 
     Later wins: base ``configs``, then the point's ``configs``, then the sweep-wide ``overrides``, the point's
     overrides, ``--seed_everything`` and ``--trainer.default_root_dir`` (the run directory)."""
     sweep_dir = Path(sweep_dir)
+    runs_root = Path(runs_dir) if runs_dir is not None else sweep_dir
     runs = []
-    for point in sweep.points:
-        for seed in sweep.seeds:
-            run_dir = run_dir_of(sweep_dir, point.name, seed)
+    # Seed-major: every point's first seed runs before any second seed, so a sweep cut short still has
+    # whole rows to compare.
+    for seed in sweep.seeds:
+        for point in sweep.points:
+            run_dir = run_dir_of(runs_root, point.name, seed)
             resolved = resolve_for_run(sweep, run_dir=str(run_dir), seed=seed, point=point, sweep_dir=str(sweep_dir))
             argv = ["fit"]
             for config in [*resolved["configs"], *resolved["point_configs"]]:
