@@ -15,6 +15,7 @@ from lit_star.sweeps import collect as collect_mod
 from lit_star.sweeps.launch import RunJob, read_status, run_finished, run_local, sbatch_script, slurm_parameters
 from lit_star.sweeps.prepare import prepare
 from lit_star.sweeps.spec import SweepError, expand_runs, load_sweep, point_name
+from tests.sweep_fixtures import fabricated_sweep as _fabricated_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = "lightning.pytorch.demos.boring_classes.DemoModel"
@@ -239,34 +240,6 @@ def test_rerun_skips_finished_runs_and_resumes_interrupted_ones_from_last_ckpt(t
     assert read_status(interrupted.run_dir)["attempts"] == 1
 
 
-def _fabricated_sweep(tmp_path):
-    """Three points x three seeds with known losses (TensorBoard) and scores (JSON); one run without output."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    recipe = _write(tmp_path / "r.yaml", {})
-    path = _write(tmp_path / "s.yaml", {
-        "name": "fab", "configs": [recipe], "seeds": [0, 1, 2],
-        "grid": {"model.init_args.num_stack_layers": [1, 2, 4]},
-        "baseline": {"model.init_args.num_stack_layers": 4},
-        "metrics": {"val_loss": {"tensorboard": "val/loss"}, "best_loss": {"tensorboard": "val/loss", "reduce": "min"},
-                    "colour": {"json": "eval/binding.json", "key": "colour", "label": "colour binding"}},
-    })
-    runs = prepare(load_sweep(path), tmp_path / "sweep", check=False, log=lambda _: None)
-    loss = {1: [1.0, 1.1, 1.2], 2: [0.5, 0.7, 0.6], 4: [0.8, 0.9, 1.0]}
-    for run in runs:
-        depth, seed = run.axes["model.init_args.num_stack_layers"], run.seed
-        if depth == 2 and seed == 2:
-            continue  # never ran
-        writer = SummaryWriter(str(Path(run.run_dir) / "tensorboard"))
-        for step, value in [(10, 9.0), (20, loss[depth][seed] - 0.3), (30, loss[depth][seed])]:
-            writer.add_scalar("val/loss", value, step)
-        writer.close()
-        (Path(run.run_dir) / "eval").mkdir()
-        (Path(run.run_dir) / "eval/binding.json").write_text(json.dumps({"colour": depth / 10 + seed / 100}))
-        (Path(run.run_dir) / "sweep/status.json").write_text(json.dumps({"state": "done", "wall_seconds": 60.0}))
-    return runs
-
-
 def test_collect_on_fabricated_runs_gives_the_known_table(tmp_path):
     _fabricated_sweep(tmp_path)
     results = collect_mod.collect(tmp_path / "sweep")
@@ -380,3 +353,35 @@ def test_seeds_and_points_flags_launch_a_subset_but_the_index_lists_every_run(tm
     assert printed.count("# ") == 1 and "# long seed 1" in printed
     assert sweep_command.main(["run", path, "--out", str(out), "--seeds", "7", "--no-check"]) == 2
     assert "--seeds [7] are not seeds of the sweep file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_real_two_point_smoke_sweep_runs_end_to_end_through_the_local_executor(smoke_curriculum, tmp_path):
+    run, _ = smoke_curriculum  # world, base, VQ and codes of the smoke curriculum (conftest, once per session)
+    env = {**os.environ, "SHAPES_RUNS": str(run), "SHAPES_WORLD": str(run / "world"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "lit_star", "sweep", "run", "recipes/sweeps/shapes_smoke.yaml", "--out", str(out),
+               "--max-parallel", "2"]
+    first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "2 of 2 run(s) done" in first.stdout
+    for init in ("vlm", "rand"):
+        run_dir = out / f"stack_init={init}" / "seed0"
+        assert (run_dir / "checkpoints/last.ckpt").is_file() and (run_dir / "eval/binding.json").is_file()
+        assert yaml.safe_load((run_dir / "resolved_config.yaml").read_text())["model"]["init_args"]["stack_init"] == init
+        assert read_status(run_dir)["state"] == "done"
+
+    collected = subprocess.run([sys.executable, "-m", "lit_star", "sweep", "collect", str(out)], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert collected.returncode == 0, collected.stderr[-3000:]
+    results = collect_mod.load_results(out)
+    assert all(entry["val_loss_n"] == 1 and entry["binding_colour_n"] == 1 for entry in results.table)
+    assert [c["pairs"] for c in results.comparisons if c["metric"] == "val_loss"] == [1]
+    assert (out / "plots/val_loss.png").is_file() and list((out / "hparams").rglob("events.out.tfevents.*"))
+    assert "| stack_init=rand | rand | 1/1 |" in (out / "results.md").read_text()
+
+    status = subprocess.run([sys.executable, "-m", "lit_star", "sweep", "status", str(out)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert "2 done of 2 run(s)" in status.stdout, status.stdout + status.stderr
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("done already, skipping") == 2, again.stdout[-2000:]

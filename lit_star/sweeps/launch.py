@@ -160,6 +160,9 @@ class RunJob(_Checkpointable):
                                                  or Path(spec["output"]).exists()):
                     continue
                 argv = fit_command(run) if spec is None else spec["argv"]
+                if spec is not None and spec.get("output"):
+                    # not every job makes its --out's folder (eval binding does not)
+                    Path(spec["output"]).parent.mkdir(parents=True, exist_ok=True)
                 steps[name] = {"state": "running", "started_at": time.time(), "argv": argv}
                 _update_status(run_dir, steps=steps)
                 code, seconds, log = self._step(name, argv, for_eval)
