@@ -163,7 +163,8 @@ if argv[0] == "fit":
     os.makedirs(f"{root}/checkpoints", exist_ok=True)
     with open(f"{root}/calls.jsonl", "a") as f:
         f.write(json.dumps({"argv": argv, "threads": os.environ.get("OMP_NUM_THREADS"),
-                            "env": os.environ.get("SWEEP_FAKE_ENV")}) + "\\n")
+                            "env": os.environ.get("SWEEP_FAKE_ENV"),
+                            "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\\n")
     print("training", flush=True)
     if "--model.init_args.fail" in argv and value("--model.init_args.fail") == "true":
         print("Traceback: boom", flush=True)
@@ -213,6 +214,16 @@ def test_a_failing_point_is_recorded_with_its_log_and_the_others_finish(tmp_path
         (call,) = _calls(run)
         assert call["threads"] == "1" and call["env"] == run.point, "thread budget and sweep env reach the step"
     assert any("failed: fit exited with 3" in line for line in logs)
+
+
+def test_parallel_local_runs_get_their_own_gpus(tmp_path):
+    runs, fake = _fake_sweep(tmp_path, seeds=(0, 1))
+    good = [r for r in runs if "fail=False" in r.point]
+    run_local(good, tmp_path / "out", max_parallel=2, gpus=[2, 5], gpus_per_run=1, lit_star=fake, log=lambda _: None,
+              poll_seconds=0.1)
+    assert sorted(_calls(run)[0]["gpus"] for run in good) == ["2", "5"]
+    with pytest.raises(ValueError, match="needs 4 GPUs"):
+        run_local(good, tmp_path / "out", max_parallel=2, gpus=[0, 1], gpus_per_run=2, lit_star=fake)
 
 
 def test_rerun_skips_finished_runs_and_resumes_interrupted_ones_from_last_ckpt(tmp_path):
