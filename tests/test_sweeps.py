@@ -216,6 +216,25 @@ def test_a_failing_point_is_recorded_with_its_log_and_the_others_finish(tmp_path
     assert any("failed: fit exited with 3" in line for line in logs)
 
 
+def test_a_fit_that_exits_0_before_its_last_step_is_interrupted_not_done(tmp_path):
+    # Lightning stops gracefully on SIGTERM and exits 0: a killed fit must not be marked done.
+    import torch
+
+    runs, fake = _fake_sweep(tmp_path, seeds=(0,))
+    run = runs[0]
+    (Path(run.run_dir) / "resolved_config.yaml").write_text("trainer:\n  max_steps: 10\n")
+    (Path(run.run_dir) / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 4}, Path(run.run_dir) / "checkpoints/last.ckpt")
+    stopped = tmp_path / "stopped.py"
+    stopped.write_text("print('stopping on SIGTERM')\n")  # exits 0, leaves the step-4 checkpoint
+    status = RunJob(run, lit_star=(str(stopped),))()
+    assert status["state"] == "interrupted" and "stopped at step 4 of 10" in status["error"]
+    assert not (Path(run.run_dir) / "sweep/done/fit").exists()
+    torch.save({"global_step": 10}, Path(run.run_dir) / "checkpoints/last.ckpt")
+    status = RunJob(run, lit_star=fake)()
+    assert status["state"] == "done" and _calls(run)[-1]["argv"][-2:] == ["--ckpt_path", "last"]
+
+
 def test_parallel_local_runs_get_their_own_gpus(tmp_path):
     runs, fake = _fake_sweep(tmp_path, seeds=(0, 1))
     good = [r for r in runs if "fail=False" in r.point]

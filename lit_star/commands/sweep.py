@@ -130,9 +130,9 @@ def run_main(argv: list[str]) -> int:
     results = launch.run_local(runs, sweep_dir, max_parallel=args.max_parallel, threads=threads, gpus=gpus,
                                gpus_per_run=gpus_per_run, timeout_min=float(local.get("timeout_min", 7 * 24 * 60)),
                                log=_print)
-    failed = sorted(d for d, state in results.items() if state == "failed")
+    failed = sorted(d for d, state in results.items() if state not in ("done", "running"))
     _print(f"[sweep] {sum(s == 'done' for s in results.values())} of {len(results)} run(s) done"
-           + (f"; failed: {', '.join(failed)} (see `sweep status {sweep_dir}`)" if failed else ""))
+           + (f"; failed or interrupted: {', '.join(failed)} (see `sweep status {sweep_dir}`)" if failed else ""))
     _print(f"[sweep] gather them with: python -m lit_star sweep collect {sweep_dir}")
     return 1 if failed else 0
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -95,6 +97,33 @@ def fit_command(run: Run) -> list[str]:
     return argv
 
 
+def fit_incomplete(run_dir: str | Path) -> str | None:
+    """Why a fit that exited 0 did not finish, or None. Lightning stops gracefully on SIGTERM and exits 0,
+    so the exit code alone would mark a killed fit done: its ``last.ckpt`` must exist and hold
+    ``trainer.max_steps`` (from ``resolved_config.yaml``; not checked for a sharded checkpoint folder)."""
+    run_dir = Path(run_dir)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():
+        return "the fit exited 0 but left no checkpoints/last.ckpt"
+    config = run_dir / "resolved_config.yaml"
+    if not ckpt.is_file() or not config.is_file():
+        return None
+    import yaml
+
+    max_steps = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("max_steps")
+    if not isinstance(max_steps, int) or max_steps < 0:
+        return None
+    import torch
+
+    try:
+        step = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step")
+    except Exception:  # not a torch checkpoint we can read: leave the judgement to the steps after
+        return None
+    if isinstance(step, int) and step < max_steps:
+        return f"the fit stopped at step {step} of {max_steps} (stopped by a signal?)"
+    return None
+
+
 class RunJob(_Checkpointable):
     """What one submitit job executes: the fit and evals of one run, in subprocesses."""
 
@@ -124,6 +153,8 @@ class RunJob(_Checkpointable):
             handle.flush()
             process = subprocess.Popen([self.python, *self.lit_star, *argv], env=self._env(for_eval),
                                        stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT)
+            if _rank() == 0:
+                _update_status(self.run.run_dir, child_pid=process.pid)  # so `sweep run` can stop it
             try:
                 code = process.wait()
             except BaseException:  # interrupted (Ctrl-C, SLURM timeout signal): stop the child with us
@@ -168,14 +199,21 @@ class RunJob(_Checkpointable):
                 code, seconds, log = self._step(name, argv, for_eval)
                 steps[name].update(state="done" if code == 0 else "failed", returncode=code, seconds=round(seconds, 1),
                                    log=str(log))
+                state = "failed"
                 if code == 0 and spec is not None and spec.get("output") and not Path(spec["output"]).exists():
                     code = -1
                     steps[name].update(state="failed", returncode=None)
                     error = f"{name}: exited 0 but did not write its output {spec['output']}"
+                elif code == 0 and spec is None and (why := fit_incomplete(run_dir)):
+                    code, state, error = -1, "interrupted", f"fit: {why}; rerun to resume"
+                    steps[name].update(state=state)
+                elif code < 0:  # killed by a signal: resumable, not a bug in the run
+                    state, error = "interrupted", f"{name} killed by signal {-code}; log {log}"
+                    steps[name].update(state=state)
                 elif code:
                     error = f"{name} exited with {code}; log {log}:\n{_tail(log)}"
                 if code:
-                    return _update_status(run_dir, state="failed", ended_at=time.time(), steps=steps, error=error,
+                    return _update_status(run_dir, state=state, ended_at=time.time(), steps=steps, error=error,
                                           failed_step=name, log=str(log))
                 marker = run_dir / DONE / name
                 marker.parent.mkdir(parents=True, exist_ok=True)
@@ -256,6 +294,11 @@ def run_local(runs: list[Run], sweep_dir: str | Path, max_parallel: int = 1, thr
         else:
             pending.append(run)
     running: dict[int, tuple[Any, Run]] = {}  # slot -> (job, run)
+
+    def _stop(signum, frame):  # SIGTERM: as Ctrl-C (a background shell may ignore SIGINT)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
     try:
         while pending or running:
             free = [slot for slot in range(max_parallel) if slot not in running]
@@ -288,8 +331,18 @@ def run_local(runs: list[Run], sweep_dir: str | Path, max_parallel: int = 1, thr
     except KeyboardInterrupt:
         for job, run in running.values():
             job.cancel(check=False)
+            # The step's own process too: SIGINT may be ignored down the tree; Lightning stops on SIGTERM.
+            child = read_status(run.run_dir).get("child_pid")
+            if child and _pid_alive(int(child)):
+                try:
+                    os.kill(int(child), signal.SIGTERM)
+                except OSError:
+                    pass
             log(f"[sweep] {run.point} seed {run.seed}: cancelled (rerun `sweep run` to resume)")
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return results
 
 
