@@ -34,12 +34,13 @@ def format_status(rows: list[dict]) -> str:
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1
     width = max([len(r["point"]) for r in rows] + [5])
-    lines = [f"{'point':<{width}}  seed  {'state':<11}  {'wall':>8}  steps (s)"]
+    state_width = max([len(r["state"]) + len(r["step"]) + 3 for r in rows] + [11])
+    lines = [f"{'point':<{width}}  seed  {'state':<{state_width}}  {'wall':>8}  steps (s)"]
     for row in rows:
         wall = "-" if row["wall_seconds"] is None else f"{row['wall_seconds'] / 60:.1f} min"
         steps = ", ".join(f"{n} {s:.0f}" for n, s in row["steps"].items() if s is not None)
         state = row["state"] + (f" ({row['step']})" if row["step"] else "")
-        lines.append(f"{row['point']:<{width}}  {row['seed']:>4}  {state:<11}  {wall:>8}  {steps}")
+        lines.append(f"{row['point']:<{width}}  {row['seed']:>4}  {state:<{state_width}}  {wall:>8}  {steps}")
         if row["state"] == "failed":
             lines.append(f"{'':<{width}}        log: {row['log']}")
             first = (row["error"] or "").splitlines()[:1]
