@@ -280,6 +280,10 @@ def test_collect_on_fabricated_runs_gives_the_known_table(tmp_path):
     two = table["num_stack_layers=2"]
     assert two["val_loss_mean"] == pytest.approx(0.6) and two["val_loss_n"] == 2 and two["done"] == 2
     assert table["num_stack_layers=4"]["colour_mean"] == pytest.approx(0.41)
+    # step: N reads the last value logged at or before N (Lightning logs a validation after step N at N - 1)
+    run_dir = results.index["runs"][0]["run_dir"]
+    assert collect_mod.read_metric(run_dir, {"tensorboard": "val/loss", "step": 29}) == pytest.approx(0.7)
+    assert collect_mod.read_metric(run_dir, {"tensorboard": "val/loss", "step": 5}) is None
     versus = {(c["point"], c["metric"]): c for c in results.comparisons}
     c = versus[("num_stack_layers=1", "val_loss")]
     assert c["pairs"] == 3 and c["diff_mean"] == pytest.approx(0.2) and c["diff_std"] == pytest.approx(0.0, abs=1e-6)

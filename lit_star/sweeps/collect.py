@@ -8,7 +8,7 @@ The same functions serve ``python -m lit_star sweep collect DIR`` and ``notebook
     plot_metric(results, "val_loss")
 
 A metric is a TensorBoard scalar of the run (``tensorboard: val/loss``; ``reduce`` last/min/max/mean over
-the logged steps, or the value at ``step``; ``dir`` another event folder under the run directory, e.g. the
+the logged steps, or the last value logged at or before ``step``; ``dir`` another event folder under the run directory, e.g. the
 ``stage2/tensorboard`` of a fit run as an eval step) or a value in an eval's JSON file (``json: eval/binding.json``,
 relative to the run directory, ``key: colour``; dotted for nested keys, integers index lists).
 """
@@ -89,8 +89,10 @@ def read_metric(run_dir: str | Path, spec: dict) -> float | None:
         if not scalars:
             return None
         if spec.get("step") is not None:
-            at = dict(scalars)
-            return at.get(int(spec["step"]))
+            # the last value logged at or before the step: Lightning logs a validation that runs after
+            # training step N (global_step N) at step N - 1
+            before = [(step, value) for step, value in scalars if step <= int(spec["step"])]
+            return before[-1][1] if before else None
         values = [v for _, v in scalars]
         return {"last": values[-1], "min": min(values), "max": max(values),
                 "mean": sum(values) / len(values)}[spec.get("reduce", "last")]
@@ -153,7 +155,8 @@ def load_results(sweep_dir: str | Path) -> Results:
         entry["seeds"] = len(rows)
         entry["done"] = sum(r["state"] == "done" for r in rows)
         for name in metrics:
-            values = [r[name] for r in rows if r[name] is not None]
+            # only finished runs: a running one's last value is not its final value
+            values = [r[name] for r in rows if r[name] is not None and r["state"] == "done"]
             mean, std = mean_std(values)
             entry[f"{name}_mean"], entry[f"{name}_std"], entry[f"{name}_n"] = mean, std, len(values)
         table.append(entry)
@@ -168,7 +171,8 @@ def load_results(sweep_dir: str | Path) -> Results:
             rows = {r["seed"]: r for r in runs if r["point"] == point["name"]}
             for name in metrics:
                 diffs = [rows[s][name] - base_rows[s][name] for s in sorted(rows) if s in base_rows
-                         and rows[s][name] is not None and base_rows[s][name] is not None]
+                         and rows[s][name] is not None and base_rows[s][name] is not None
+                         and rows[s]["state"] == base_rows[s]["state"] == "done"]
                 mean, std = mean_std(diffs)
                 comparisons.append({"point": point["name"], "baseline": baseline, "metric": name, "pairs": len(diffs),
                                     "diff_mean": mean, "diff_std": std, "higher": sum(d > 0 for d in diffs),
