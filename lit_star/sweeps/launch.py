@@ -180,7 +180,7 @@ class RunJob(_Checkpointable):
         steps = status.get("steps", {})
         started = time.time()
         status.update(state="running", host=socket.gethostname(), pid=os.getpid(), started_at=started,
-                      ended_at=None, error=None, point=run.point, seed=run.seed,
+                      ended_at=None, error=None, failed_step=None, log=None, point=run.point, seed=run.seed,
                       job_id=os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"),
                       attempts=status.get("attempts", 0) + 1, steps=steps)
         write_status(run_dir, status)
@@ -326,7 +326,7 @@ def run_local(runs: list[Run], sweep_dir: str | Path, max_parallel: int = 1, thr
                     state = "failed"
                 results[run.run_dir] = state
                 status = read_status(run.run_dir)
-                detail = f": {status.get('error', '').splitlines()[0]}" if state == "failed" and status.get("error") else ""
+                detail = f": {status['error'].splitlines()[0]}" if state != "done" and status.get("error") else ""
                 log(f"[sweep] {run.point} seed {run.seed}: {state}{detail}")
     except KeyboardInterrupt:
         for job, run in running.values():

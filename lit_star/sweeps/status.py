@@ -20,11 +20,11 @@ def run_states(sweep_dir: str | Path) -> list[dict]:
             current = next((name for name, s in steps.items() if s.get("state") == "running"), "")
             wall = now - status.get("started_at", now)
         else:
-            current = status.get("failed_step", "")
+            current = (status.get("failed_step") or "") if state in ("failed", "interrupted") else ""
             wall = status.get("wall_seconds") or sum(s.get("seconds", 0) for s in steps.values()) or None
         rows.append({"point": run["point"], "seed": run["seed"], "state": state, "step": current,
-                     "wall_seconds": wall, "run_dir": run["run_dir"], "log": status.get("log", ""),
-                     "error": status.get("error", ""), "job_id": status.get("job_id"),
+                     "wall_seconds": wall, "run_dir": run["run_dir"], "log": status.get("log") or "",
+                     "error": status.get("error") or "", "job_id": status.get("job_id"),
                      "steps": {name: s.get("seconds") for name, s in steps.items()}})
     return rows
 
