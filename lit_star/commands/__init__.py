@@ -60,11 +60,20 @@ COMMANDS: dict[str, Job | Group] = {
     }),
     "curriculum": ("Run the whole Shapes curriculum end to end, resuming finished steps.",
                    "lit_star.commands.curriculum:curriculum"),
+    "sweep": ("Ablation sweeps: run a grid locally or on SLURM (resumable), see its status, collect its table.", {
+        "run": ("Expand a sweep file, then launch its unfinished runs (local or SLURM), skipping finished ones.",
+                "lit_star.commands.sweep:run"),
+        "status": ("Show which runs of a sweep directory are done, running or failed, with wall times.",
+                   "lit_star.commands.sweep:status"),
+        "collect": ("Write results.csv, results.md, plots and a TensorBoard hparams view of a sweep directory.",
+                    "lit_star.commands.sweep:collect"),
+    }),
 }
 
 
 # Jobs whose required parameters are positional (``curriculum RECIPE``); every other job's are flags.
-POSITIONAL_JOBS = {"lit_star.commands.curriculum:curriculum"}
+POSITIONAL_JOBS = {"lit_star.commands.curriculum:curriculum", "lit_star.commands.sweep:run",
+                   "lit_star.commands.sweep:status", "lit_star.commands.sweep:collect"}
 
 
 def usage(prefix: str, entries: dict) -> str:

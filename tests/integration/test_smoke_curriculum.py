@@ -15,12 +15,10 @@ RECIPES = [str(REPO / "recipes/shapes/curriculum.yaml"), str(REPO / "recipes/sha
 
 
 @pytest.mark.slow
-def test_smoke_curriculum_runs_end_to_end_and_resumes(tmp_path):
-    run = tmp_path / "run"
+def test_smoke_curriculum_runs_end_to_end_and_resumes(smoke_curriculum):
+    run, _ = smoke_curriculum  # run once per session (conftest), shared with the notebook and sweep tests
     command = [sys.executable, "-m", "lit_star", "curriculum", RECIPES[0], "--overlays", f"[{RECIPES[1]}]",
                "--run_dir", str(run)]
-    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     timings = json.loads((run / "timings.json").read_text())
     assert set(timings) == set(load_curriculum(RECIPES, str(run)).steps)

@@ -26,9 +26,11 @@ ALLOWED = {
     "thread_budget": set(),
     "resume": {"data"},
     "training": {"data", "thread_budget", "resume"},
+    # Sweep expansion, launching and collection: fit arguments are checked with the training CLI's parser.
+    "sweeps": {"training", "thread_budget"},
     "benchmarks": {"models", "checkpoints", "data", "worlds", "sampling", "distributed", "modules"},
     "commands": {"models", "checkpoints", "data", "worlds", "sampling", "eval", "modules", "benchmarks",
-                 "thread_budget", "training"},
+                 "thread_budget", "training", "sweeps"},
     "cli": {"training", "commands"},
     "__main__": {"cli"},
     "__init__": set(),

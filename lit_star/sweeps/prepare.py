@@ -1,0 +1,84 @@
+"""From a checked sweep file to run directories: expansion, the config check, the files ``run`` writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lit_star.sweeps.launch import INDEX
+from lit_star.sweeps.spec import Run, Sweep, SweepError, baseline_point, check_files, expand_runs
+
+
+def default_sweep_dir(sweep: Sweep) -> str:
+    return str(sweep.raw.get("sweep_dir") or f"runs/sweeps/{sweep.name}")
+
+
+def prepare(sweep: Sweep, sweep_dir: str | Path, extra_fit_args: list[str] | None = None, check: bool = True,
+            write: bool = True, log=print) -> list[Run]:
+    """Expand the sweep, check every run's files and (``check``) its fit arguments with LightningCLI's parser,
+    all before anything is launched; with ``write``, create each run directory with ``sweep/run.json`` and
+    ``resolved_config.yaml``, and the sweep directory's index (what ``collect`` and ``status`` read)."""
+    runs_dir = sweep.raw.get("runs_dir")
+    runs = expand_runs(sweep, sweep_dir, extra_fit_args, runs_dir=str(runs_dir) if runs_dir else None)
+    check_files(runs, sweep)
+    check_existing(runs, sweep)
+    configs: dict[str, str] = {}
+    if check:
+        from lit_star.sweeps.check import resolved_fit_config
+
+        for run in runs:
+            try:
+                configs[run.run_dir] = resolved_fit_config(run.fit_argv, run.env)
+            except ValueError as err:
+                raise SweepError(f"{sweep.path}: point {run.point!r} (seed {run.seed}): fit rejects its "
+                                 f"arguments:\n{err}") from None
+        log(f"[sweep] {len(runs)} run(s) of {len(sweep.points)} point(s) x {len(sweep.seeds)} seed(s): "
+            "fit arguments checked")
+    if write:
+        write_index(sweep, sweep_dir, runs)
+        for run in runs:
+            meta = Path(run.run_dir) / "sweep"
+            meta.mkdir(parents=True, exist_ok=True)
+            (meta / "run.json").write_text(json.dumps(run.to_dict(), indent=2))
+            if run.run_dir in configs:
+                (Path(run.run_dir) / "resolved_config.yaml").write_text(configs[run.run_dir])
+    return runs
+
+
+def check_existing(runs: list[Run], sweep: Sweep) -> None:
+    """A run directory made earlier with other fit arguments (an edited sweep file, another sweep sharing
+    ``runs_dir``) would be skipped as done or resumed with the wrong settings: refuse, naming both."""
+    for run in runs:
+        path = Path(run.run_dir) / "sweep" / "run.json"
+        if not path.is_file():
+            continue
+        before = json.loads(path.read_text()).get("fit_argv")
+        if before != run.fit_argv:
+            raise SweepError(f"{sweep.path}: point {run.point!r} seed {run.seed}: {run.run_dir} holds a run made "
+                             f"with other fit arguments\n  then: {' '.join(before or [])}\n  now:  "
+                             f"{' '.join(run.fit_argv)}\nuse another --out (or runs_dir), or delete that directory")
+
+
+def write_index(sweep: Sweep, sweep_dir: str | Path, runs: list[Run]) -> Path:
+    sweep_dir = Path(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    baseline = baseline_point(sweep)
+    raw = OmegaConf.to_container(sweep.raw, resolve=False)
+    index = {
+        "name": sweep.name,
+        "description": raw.get("description"),
+        "sweep_file": sweep.path,
+        "axes": sweep.axes,
+        "seeds": sweep.seeds,
+        "baseline": baseline.name if baseline else None,
+        "metrics": raw.get("metrics", {}) or {},
+        "points": [{"name": p.name, "axes": dict(p.axes), "configs": list(p.configs),
+                    "overrides": dict(p.overrides)} for p in sweep.points],
+        "runs": [r.to_dict() for r in runs],
+    }
+    (sweep_dir / "sweep.yaml").write_text(OmegaConf.to_yaml(sweep.raw))
+    path = sweep_dir / INDEX
+    path.write_text(json.dumps(index, indent=2, default=str))
+    return path
