@@ -5,18 +5,21 @@
     python -m lit_star eval shapes --ckpt runs/shapes/stage2_stacked_ar/checkpoints/last.ckpt \\
         --world runs/shapes_world --out runs/shapes/eval --config recipes/shapes/sampler.yaml
 
-Writes under ``--out``: one folder of images per set (``geneval/``, ``knowledge_plain/``,
-``knowledge_reasoning/``, ``edit/`` with ``--edits true``, with ``--seen_combinations N`` the control set
-``geneval_seen/``: N prompts per category whose colour/shape pairs occur in training, and with
-``--seen_riddles N`` the riddle control sets ``knowledge_seen_plain/`` and ``knowledge_seen_reasoning/``:
-N riddles per category whose answers name seen pairs), each with its
+Writes under ``--out``: one folder of images per set (``geneval/`` the held-out set and ``geneval_seen/`` the
+seen-pair set, ShapesEval's two headline scores; ``geneval_seen_dev/`` with ``--development true``, the set
+on which to choose sampler settings; ``knowledge_plain/``, ``knowledge_reasoning/``; ``edit/`` with
+``--edits true``; with ``--seen_combinations N`` ``geneval_seen_combinations/``: N prompts per category
+built in code from seen pairs; with ``--seen_riddles N`` ``knowledge_seen_plain/`` and
+``knowledge_seen_reasoning/``: N riddles per category whose answers name seen pairs), each with its
 ``generations.jsonl``; an image grid per set and category (``grids/<set>_<category>.png``); and
-``results.json`` with the scores, the sampler settings and the base's riddle answers.
+``results.json`` with the scores, ``headline`` (seen and held-out with standard errors), the sampler
+settings, the reasoning suffix and the base's riddle answers.
 
 The knowledge riddles are scored twice with the same seeds: drawn from the riddle text directly,
-and with implicit reasoning (the frozen base answers the riddle first and the stack draws its answer).
-Their answers name held-out pairs, so a stack that does not compose scores near zero either way; the
-seen-pair riddles show what reasoning buys when the drawing itself is within the stack's reach.
+and with implicit reasoning (the frozen base answers the riddle first and the stack draws its answer plus
+the checkpoint's reasoning suffix, empty for Shapes stacks). Their answers name held-out pairs, so a stack
+that does not compose scores near zero either way; the seen-pair riddles show what reasoning buys when the
+drawing itself is within the stack's reach.
 """
 
 from __future__ import annotations
