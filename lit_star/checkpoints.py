@@ -144,7 +144,11 @@ STACKED_AR_CONFIG_KEY = "stacked_ar_config"
 STAGE2_STATE_PREFIX = "model.stacked_ar."
 # What rebuilds a StackedAR around its base and VQ (the fields of stacked_ar.json that are not derived).
 STACKED_AR_FIELDS = ("num_stack_layers", "adapter_depth", "stack_init", "stack_rope_theta", "base_path",
-                     "base_dtype", "vq_path", "vq_flavour")
+                     "base_dtype", "vq_path", "vq_flavour", "reasoning_suffix")
+# What MM-MVR/STAR appends to the base's answer in reasoning mode: its training captions end with it. A stack
+# records its own (``reasoning_suffix`` in stacked_ar_config; empty for Shapes); imported STAR weights and
+# checkpoints that record none get this one.
+REFERENCE_REASONING_SUFFIX = " Ultra HD, 4K, cinematic composition"
 
 
 class FrozenWeightsChangedError(RuntimeError):
@@ -159,6 +163,8 @@ class Stage2Weights:
     vq: VQModel
     base_path: str
     image_size: int | None
+    # appended to the base's answer in reasoning mode: what the stack's training captions end with
+    reasoning_suffix: str = REFERENCE_REASONING_SUFFIX
 
 
 # MM-MVR/STAR generates at --vq-image-size 384 (24 x 24 codes of a 16x VQ).
@@ -200,7 +206,9 @@ def _stage2_from_directory(directory: Path, base, vq, vq_flavour) -> Stage2Weigh
     recorded_size = config.get("image_size")
     if recorded_size is None and (directory / IMPORT_REPORT).is_file():
         recorded_size = REFERENCE_IMAGE_SIZE
-    return Stage2Weights(model, load_vq(vq_path, vq_flavour), str(base or config["base_path"]), recorded_size)
+    suffix = config.get("reasoning_suffix")
+    return Stage2Weights(model, load_vq(vq_path, vq_flavour), str(base or config["base_path"]), recorded_size,
+                         REFERENCE_REASONING_SUFFIX if suffix is None else suffix)
 
 
 def _stage2_from_lightning_checkpoint(path: Path, base, vq, vq_flavour) -> Stage2Weights:
@@ -253,7 +261,8 @@ def _stage2_from_lightning_checkpoint(path: Path, base, vq, vq_flavour) -> Stage
         or checkpoint.get(IMAGE_SIZE_KEY)
         or checkpoint.get("datamodule_hyper_parameters", {}).get("resolution")
     )
-    return Stage2Weights(model, vq_model, base_path, recorded_size)
+    suffix = config.get("reasoning_suffix")
+    return Stage2Weights(model, vq_model, base_path, recorded_size, REFERENCE_REASONING_SUFFIX if suffix is None else suffix)
 
 
 # ---- the released STAR checkpoints (reference layout) -------------------------------------------

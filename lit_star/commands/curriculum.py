@@ -406,6 +406,29 @@ def _score_table(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _objects_table(results: dict[str, dict]) -> list[str]:
+    """Objects found per image, and for single_object and colors the "right colour, wrong shape" baseline
+    (the share of the other shapes that would pass on the same images) beside the score, for the sets
+    that record them."""
+    sets = {name: r for name, r in results.items() if r.get("objects_per_image")}
+    if not sets:
+        return []
+    header = "| category | " + " | ".join(f"{name}: score | objects per image | wrong-shape baseline" for name in sets) + " |"
+    lines = ["", "Objects found per image, and the score a drawing of the right colour with a wrong shape gets on "
+             "the one-object prompts (they accept extra objects, as GenEval does):", "", header,
+             "|---" * (3 * len(sets) + 1) + "|"]
+    categories = sorted({c for r in sets.values() for c in r["categories"]})
+    for category in categories:
+        cells = []
+        for r in sets.values():
+            score, objects = r["categories"].get(category), r["objects_per_image"].get(category)
+            baseline = r.get("wrong_shape_baseline", {}).get(category)
+            cells += ["-" if v is None else f"{v:.3f}" if i != 1 else f"{v:.2f}"
+                      for i, v in enumerate((score, objects, baseline))]
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
     """``<run_dir>/report.md``: wall time per step and the critical path, understanding before/after, prompt
     binding, ShapesEval, grids."""
@@ -460,7 +483,16 @@ def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
     shapes = _merged_shapes_results(sources.get("shapes_eval"))
     if shapes:
         lines += ["", "## ShapesEval", "", f"Sampler: `{json.dumps(shapes['sampler'])}`", ""]
-        sets = {"GenEval-style": shapes["geneval"]} if "geneval" in shapes else {}
+        headline = [(name, shapes[key]) for name, key in (("seen", "geneval_seen"), ("held-out", "geneval"))
+                    if key in shapes]
+        if headline:
+            lines += ["**" + ", ".join(
+                f"{name} {r['overall']:.3f}" + (f" ± {r['overall_standard_error']:.3f}" if "overall_standard_error" in r else "")
+                for name, r in headline) + "** (ShapesEval on seen and on held-out colour/shape pairs, "
+                "± one standard error)", ""]
+        sets = {"held-out pairs": shapes["geneval"]} if "geneval" in shapes else {}
+        if "geneval_seen" in shapes:
+            sets["seen pairs"] = shapes["geneval_seen"]
         if "geneval_seen_combinations" in shapes:
             sets["seen pairs (control)"] = shapes["geneval_seen_combinations"]
         if "knowledge_without_reasoning" in shapes:
@@ -472,6 +504,9 @@ def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
         if "edit" in shapes:
             sets["edits"] = shapes["edit"]
         lines += _score_table(sets)
+        lines += _objects_table({k: v for k, v in sets.items() if k in ("held-out pairs", "seen pairs")})
+        if "reasoning_suffix" in shapes:
+            lines += ["", f"Reasoning mode appended {json.dumps(shapes['reasoning_suffix'])} to the base's answers."]
         if "riddle_answer_accuracy" in shapes:
             lines += ["", f"The base answered {shapes['riddle_answer_accuracy']:.3f} of the riddles with the right caption."]
         if "seen_riddle_answer_accuracy" in shapes:

@@ -3,6 +3,7 @@
     python -m lit_star eval shapes --prompts runs/shapes_world/eval/geneval.jsonl --images runs/shapes_world/eval/geneval_gt
     python -m lit_star eval shapes --ckpt runs/shapes/stage2_stacked_ar/checkpoints/last.ckpt --world runs/shapes_world \
         --out runs/shapes/eval --sampler.cfg_scale 4 --sampler.top_k 16 --sampler.top_p 1.0
+    python -m lit_star eval shapes --vq runs/shapes/stage1_vq/checkpoints/last.ckpt --world runs/shapes_world
     python -m lit_star eval understanding --base runs/shapes/stage0_base/hf --world runs/shapes_world
     python -m lit_star eval binding --ckpt runs/shapes/stage2_stacked_ar/checkpoints/last.ckpt \
         --shards 'runs/shapes_world/t2i_codes/val-*.tar'
@@ -40,9 +41,15 @@ def shapes(
     per_category: int | None = None,
     seen_combinations: int = 0,
     seen_riddles: int = 0,
+    seen: bool = True,
+    development: bool = False,
+    reasoning_suffix: str | None = None,
+    vq: str | None = None,
+    vq_flavour: str | None = None,
 ) -> int:
-    """ShapesEval: score a folder of images (``prompts`` + ``images``), or generate the world's eval sets with a
-    stage 2 checkpoint first (``ckpt`` + ``world`` + ``out``).
+    """ShapesEval: score a folder of images (``prompts`` + ``images``), generate the world's eval sets with a
+    stage 2 checkpoint first (``ckpt`` + ``world`` + ``out``), or score a VQ's reconstructions of the world's
+    ground truth (``vq`` + ``world``).
 
     Args:
         prompts: eval JSONL to score images against: geneval.jsonl, knowledge.jsonl or edit.jsonl.
@@ -57,14 +64,42 @@ def shapes(
         decode: how the decode loop runs.
         seed: sample i uses seed + i unless its record sets one.
         batch_size: samples decoded together (x2 rows with guidance).
-        geneval: generate the GenEval-style set (off: run it in another process).
+        geneval: generate the held-out GenEval-style set (off: run it in another process).
+        seen: generate the seen-pair GenEval-style set (``eval/geneval_seen.jsonl``); it and the held-out set
+            are ShapesEval's two headline scores.
+        development: generate the seen-pair development set (``eval/geneval_seen_dev.jsonl``), the set on
+            which to choose sampler settings (never on either scored set).
         knowledge: generate the riddle sets, with and without reasoning.
         edits: also run the edit set (needs an edit-trained stack).
         per_category: only the first N prompts of each category (smoke runs).
         seen_combinations: also score N control prompts per category built from colour/shape pairs seen in
             training.
         seen_riddles: also score N riddles per category whose answers name seen pairs, with and without reasoning.
+        reasoning_suffix: appended to the base's answer in reasoning mode (default: the checkpoint's recorded
+            one, empty for Shapes stacks; the reference's quality phrase for imported STAR weights).
+        vq: a VQ checkpoint (``load_vq`` formats): score its reconstructions of the world's ground truth instead
+            (``world`` needed; ``out`` keeps the reconstructions). ShapesEval of them should be >= 0.98 in
+            every category; PSNR, utilisation and perplexity are printed beside it.
+        vq_flavour: flavour of a reference-layout VQ-Model.pt given with ``vq``.
     """
+    if vq is not None:
+        if ckpt is not None or world is None:
+            print("eval shapes: --vq scores a VQ's reconstructions of --world's ground truth; give --world, "
+                  "not --ckpt", file=sys.stderr)
+            return 2
+        import torch
+
+        from lit_star.checkpoints import load_vq
+        from lit_star.eval.vq_shapes import vq_reconstruction_eval
+
+        torch.set_num_threads(model.threads)
+        try:
+            vq_model = load_vq(vq, vq_flavour)
+            result = vq_reconstruction_eval(vq_model, world, out, batch_size=batch_size, per_category=per_category)
+        except (OSError, ValueError, KeyError) as err:
+            print(f"eval shapes: {err}", file=sys.stderr)
+            return 2
+        return 0 if result["meets_target"] else 1
     if ckpt is not None:
         if world is None or out is None:
             print("eval shapes: with --ckpt, give --world and --out", file=sys.stderr)
@@ -75,6 +110,7 @@ def shapes(
         evaluate_on_shapes(
             load_model(ckpt, model), world, out, sampler, decode, batch_size, seed, edits=edits, knowledge=knowledge,
             per_category=per_category, seen_combinations=seen_combinations, seen_riddles=seen_riddles, geneval=geneval,
+            seen=seen, development=development, reasoning_suffix=reasoning_suffix,
         )
         return 0
     if prompts is None or images is None:

@@ -39,7 +39,6 @@ from lit_star.sampling.generations import (
     write_generations,
 )
 from lit_star.sampling.modes import (
-    REFERENCE_REASONING_SUFFIX,
     Star,
     answer_questions,
     codes_to_images,
@@ -67,7 +66,7 @@ def generate(
     seed: int = 0,
     batch_size: int = 8,
     reasoning: bool = False,
-    reasoning_suffix: str = REFERENCE_REASONING_SUFFIX,
+    reasoning_suffix: str | None = None,
     max_answer_tokens: int = 64,
     decoder: PixelDecoder = PixelDecoder(),
 ) -> int:
@@ -84,7 +83,8 @@ def generate(
         seed: sample i uses seed + i unless its record sets one.
         batch_size: samples decoded together (x2 rows with guidance).
         reasoning: the base answers the prompt first; its answer is drawn.
-        reasoning_suffix: appended to the base's answer (the reference's quality phrase by default).
+        reasoning_suffix: appended to the base's answer (default: the checkpoint's recorded one; the reference's
+            quality phrase for imported STAR weights and checkpoints that record none).
         max_answer_tokens: the base's answer budget with ``reasoning``.
         decoder: which decoder turns the codes into pixels (the VQ's, or stage 3's diffusion decoder).
     """
@@ -114,7 +114,7 @@ def generate(
         return 2
     write_generations(
         star, records, Path(out), sampler, decode, batch_size,
-        reasoning_suffix=reasoning_suffix if reasoning else None,
+        reasoning_suffix=(star.reasoning_suffix if reasoning_suffix is None else reasoning_suffix) if reasoning else None,
         max_answer_tokens=max_answer_tokens, extra_settings=extra, render=render,
     )
     print(f"wrote {len(records)} image(s) and generations.jsonl to {out}")

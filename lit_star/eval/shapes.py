@@ -5,18 +5,21 @@
     python -m lit_star eval shapes --ckpt runs/shapes/stage2_stacked_ar/checkpoints/last.ckpt \\
         --world runs/shapes_world --out runs/shapes/eval --config recipes/shapes/sampler.yaml
 
-Writes under ``--out``: one folder of images per set (``geneval/``, ``knowledge_plain/``,
-``knowledge_reasoning/``, ``edit/`` with ``--edits true``, with ``--seen_combinations N`` the control set
-``geneval_seen/``: N prompts per category whose colour/shape pairs occur in training, and with
-``--seen_riddles N`` the riddle control sets ``knowledge_seen_plain/`` and ``knowledge_seen_reasoning/``:
-N riddles per category whose answers name seen pairs), each with its
+Writes under ``--out``: one folder of images per set (``geneval/`` the held-out set and ``geneval_seen/`` the
+seen-pair set, ShapesEval's two headline scores; ``geneval_seen_dev/`` with ``--development true``, the set
+on which to choose sampler settings; ``knowledge_plain/``, ``knowledge_reasoning/``; ``edit/`` with
+``--edits true``; with ``--seen_combinations N`` ``geneval_seen_combinations/``: N prompts per category
+built in code from seen pairs; with ``--seen_riddles N`` ``knowledge_seen_plain/`` and
+``knowledge_seen_reasoning/``: N riddles per category whose answers name seen pairs), each with its
 ``generations.jsonl``; an image grid per set and category (``grids/<set>_<category>.png``); and
-``results.json`` with the scores, the sampler settings and the base's riddle answers.
+``results.json`` with the scores, ``headline`` (seen and held-out with standard errors), the sampler
+settings, the reasoning suffix and the base's riddle answers.
 
 The knowledge riddles are scored twice with the same seeds: drawn from the riddle text directly,
-and with implicit reasoning (the frozen base answers the riddle first and the stack draws its answer).
-Their answers name held-out pairs, so a stack that does not compose scores near zero either way; the
-seen-pair riddles show what reasoning buys when the drawing itself is within the stack's reach.
+and with implicit reasoning (the frozen base answers the riddle first and the stack draws its answer plus
+the checkpoint's reasoning suffix, empty for Shapes stacks). Their answers name held-out pairs, so a stack
+that does not compose scores near zero either way; the seen-pair riddles show what reasoning buys when the
+drawing itself is within the stack's reach.
 """
 
 from __future__ import annotations
@@ -96,11 +99,38 @@ def limit_per_category(records: list[dict], limit: int | None) -> list[dict]:
     return kept
 
 
-def _generate_and_score(star, records, out, sampler, options, batch_size, seed, reasoning: bool):
+def _generate_and_score(star, records, out, sampler, options, batch_size, seed, reasoning_suffix: str | None):
+    """Draw ``records`` (with implicit reasoning when ``reasoning_suffix`` is not None) and score them."""
     records = assign_ids_and_seeds(records, seed)
-    suffix = REFERENCE_REASONING_SUFFIX if reasoning else None
-    rows = write_generations(star, records, out, sampler, options, batch_size, reasoning_suffix=suffix)
+    rows = write_generations(star, records, out, sampler, options, batch_size, reasoning_suffix=reasoning_suffix)
     return rows, score_geneval(records, out)
+
+
+# The world's GenEval-style sets: results key, file stem under eval/, what the printed table calls it.
+GENEVAL_SETS = {
+    "geneval": ("geneval", "GenEval-style, held-out colour/shape pairs"),
+    "geneval_seen": ("geneval_seen", "GenEval-style, seen colour/shape pairs"),
+    "geneval_seen_dev": ("geneval_seen_dev", "GenEval-style, seen-pair development set (for choosing the sampler)"),
+}
+
+
+def headline(results: dict) -> dict:
+    """ShapesEval's two headline scores, side by side: ``seen`` (training pairs) and ``held_out`` (the
+    eval set), each the mean of the six category scores with its binomial standard error."""
+    return {name: {"overall": results[key]["overall"], "standard_error": results[key]["overall_standard_error"]}
+            for name, key in (("seen", "geneval_seen"), ("held_out", "geneval")) if key in results}
+
+
+def format_headline(scores: dict) -> str:
+    return "ShapesEval: " + ", ".join(f"{name.replace('_', '-')} {s['overall']:.3f} ± {s['standard_error']:.3f}"
+                                      for name, s in scores.items())
+
+
+def reasoning_suffix_of(star: Star) -> str:
+    """The phrase appended to the base's answer in reasoning mode: the one the checkpoint records (what its
+    training captions end with), else the reference's."""
+    recorded = getattr(star, "reasoning_suffix", None)
+    return REFERENCE_REASONING_SUFFIX if recorded is None else recorded
 
 
 def _edit_and_score(star: Star, records, source_dir: Path, out: Path, sampler, options, batch_size, seed):
@@ -140,6 +170,9 @@ def evaluate_on_shapes(
     seen_combinations: int = 0,
     seen_riddles: int = 0,
     geneval: bool = True,
+    seen: bool = True,
+    development: bool = False,
+    reasoning_suffix: str | None = None,
     log=print,
 ) -> dict:
     """Generate and score the world's eval sets; returns (and writes) ``results.json``'s content.
@@ -148,38 +181,49 @@ def evaluate_on_shapes(
     occur in training (:func:`lit_star.worlds.shapes.generator.seen_combination_prompts`); ``seen_riddles`` > 0
     that many riddles per category answered by seen pairs
     (:func:`lit_star.worlds.shapes.generator.seen_combination_riddles`), with and without reasoning.
-    ``geneval=False`` skips the GenEval-style set, so two processes can share the sets (decoding one
+    ``geneval`` scores the held-out set (``eval/geneval.jsonl``), ``seen`` the seen-pair set
+    (``eval/geneval_seen.jsonl``): ShapesEval's two headline scores, written side by side as ``headline``.
+    ``development`` scores the seen-pair development set (``eval/geneval_seen_dev.jsonl``), the only set
+    on which sampler settings may be chosen. Turning sets off lets two processes share them (decoding one
     code at a time, a CPU process gains nothing from a second thread; a second process does).
+    ``reasoning_suffix`` is appended to the base's answer in reasoning mode; None takes the checkpoint's
+    (:func:`reasoning_suffix_of`).
     """
-    if not (geneval or seen_combinations or knowledge or seen_riddles or edits):
-        raise ValueError("evaluate_on_shapes: no set selected "
-                         "(geneval, seen_combinations, knowledge, seen_riddles and edits all off)")
+    if not (geneval or seen or development or seen_combinations or knowledge or seen_riddles or edits):
+        raise ValueError("evaluate_on_shapes: no set selected (geneval, seen, development, seen_combinations, "
+                         "knowledge, seen_riddles and edits all off)")
     eval_dir, out = Path(world) / "eval", Path(out)
     if not eval_dir.is_dir():
         raise FileNotFoundError(f"{eval_dir} does not exist: generate the world first (python -m lit_star data shapes)")
-    results: dict = {"sampler": sampler.as_dict(), "seed": seed, "per_category": per_category}
+    chosen = [key for key, on in (("geneval", geneval), ("geneval_seen", seen), ("geneval_seen_dev", development)) if on]
+    for key in chosen:
+        if not (eval_dir / f"{GENEVAL_SETS[key][0]}.jsonl").is_file():
+            raise FileNotFoundError(f"{eval_dir / GENEVAL_SETS[key][0]}.jsonl does not exist: the world predates "
+                                    "the seen-pair sets; regenerate it, or turn the set off")
+    suffix = reasoning_suffix_of(star) if reasoning_suffix is None else reasoning_suffix
+    results: dict = {"sampler": sampler.as_dict(), "seed": seed, "per_category": per_category,
+                     "reasoning_suffix": suffix}
     grids: list[str] = []
 
-    if geneval:
-        records = limit_per_category(load_prompts(eval_dir / "geneval.jsonl"), per_category)
-        _, results["geneval"] = _generate_and_score(star, records, out / "geneval", sampler, options, batch_size, seed,
-                                                    False)
-        grids += write_category_grids(records, out / "geneval", out / "grids", "geneval")
-        log("GenEval-style:\n" + format_table(results["geneval"]))
+    def geneval_set(key: str, records: list[dict], folder: str, title: str) -> None:
+        _, results[key] = _generate_and_score(star, records, out / folder, sampler, options, batch_size, seed, None)
+        grids.extend(write_category_grids(records, out / folder, out / "grids", folder))
+        log(f"{title}:\n" + format_table(results[key]))
+
+    for key in chosen:
+        stem, title = GENEVAL_SETS[key]
+        geneval_set(key, limit_per_category(load_prompts(eval_dir / f"{stem}.jsonl"), per_category), stem, title)
 
     if seen_combinations:
-        records = seen_combination_prompts(seen_combinations, resolution=star.image_size)
-        _, results["geneval_seen_combinations"] = _generate_and_score(
-            star, records, out / "geneval_seen", sampler, options, batch_size, seed, False)
-        grids += write_category_grids(records, out / "geneval_seen", out / "grids", "geneval_seen")
-        log("GenEval-style, seen colour/shape pairs (control):\n" + format_table(results["geneval_seen_combinations"]))
+        geneval_set("geneval_seen_combinations", seen_combination_prompts(seen_combinations, resolution=star.image_size),
+                    "geneval_seen_combinations", "GenEval-style, seen colour/shape pairs built in code (control)")
 
     def riddles(records: list[dict], name: str, answers_prefix: str, title: str) -> None:
         """Draw ``records`` from the riddle text and, with implicit reasoning, from the base's answer."""
         _, results[f"{name}_without_reasoning"] = _generate_and_score(
-            star, records, out / f"{name}_plain", sampler, options, batch_size, seed, False)
+            star, records, out / f"{name}_plain", sampler, options, batch_size, seed, None)
         rows, results[f"{name}_with_reasoning"] = _generate_and_score(
-            star, records, out / f"{name}_reasoning", sampler, options, batch_size, seed, True)
+            star, records, out / f"{name}_reasoning", sampler, options, batch_size, seed, suffix)
         answers = {row["id"]: row["answer"] for row in rows}
         correct = [answers[r["id"]].strip() == r["caption"] for r in records]
         results[f"{answers_prefix}_answer_accuracy"] = sum(correct) / len(correct)
@@ -205,6 +249,9 @@ def evaluate_on_shapes(
         log("Edits:\n" + format_table(results["edit"]))
 
     results["grids"] = grids
+    if headline(results):
+        results["headline"] = headline(results)
+        log(format_headline(results["headline"]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     log(f"wrote {out / 'results.json'}")

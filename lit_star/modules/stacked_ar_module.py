@@ -44,6 +44,7 @@ from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGene
 from lit_star.checkpoints import (
     FROZEN_CHECKSUMS_KEY,
     IMAGE_SIZE_KEY,
+    REFERENCE_REASONING_SUFFIX,
     STACKED_AR_CONFIG_KEY,
     STACKED_AR_FIELDS,
     FrozenWeightsChangedError,
@@ -153,6 +154,9 @@ class StackedARModule(LightningModule):
             the VQ and shown in TensorBoard (0: none).
         seed: seeds the per-sample CFG dropout draws together with the epoch and the sample key, so the
             same sample gets the same draw on any number of devices and after a resume.
+        reasoning_suffix: what sampling appends to the base's answer in reasoning mode, recorded in the
+            checkpoint: the phrase the training captions end with (the reference's for STAR data; ``""`` for
+            the Shapes world, whose captions have none).
     """
 
     def __init__(
@@ -182,6 +186,7 @@ class StackedARModule(LightningModule):
         compile_layers: bool = False,
         log_images: int = 4,
         seed: int = 0,
+        reasoning_suffix: str = REFERENCE_REASONING_SUFFIX,
     ) -> None:
         super().__init__()
         if flavour is not None:

@@ -57,4 +57,5 @@ def load_star(
             trainable.to(stack_dtype)
     vq_model = vq_model.to(device).eval()
     layout = SequenceLayout(processor.tokenizer, model.base.config)
-    return Star(model=model, vq=vq_model, processor=processor, layout=layout, image_size=None if size is None else int(size))
+    return Star(model=model, vq=vq_model, processor=processor, layout=layout, image_size=None if size is None else int(size),
+                reasoning_suffix=weights.reasoning_suffix)

@@ -20,6 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+# REFERENCE_REASONING_SUFFIX: what MM-MVR/STAR appends to the base's answer in reasoning mode (re-exported here;
+# a stack records its own, Star.reasoning_suffix).
+from lit_star.checkpoints import REFERENCE_REASONING_SUFFIX
 from lit_star.data.images import resize_center_crop, rgb_to_tensor, to_rgb
 from lit_star.models.base_vlm import Qwen2_5_VLImageTextProcessor, generate_answers
 from lit_star.models.sequence_layout import LayoutSample, SequenceLayout
@@ -28,8 +31,6 @@ from lit_star.models.vq import VQModel
 from lit_star.sampling.decoding import DecodeOptions, PrefixBatch, collate_prefixes, decode_image_codes
 from lit_star.sampling.filtering import SamplerConfig, make_generators
 
-# What MM-MVR/STAR appends to the base's answer in reasoning mode.
-REFERENCE_REASONING_SUFFIX = " Ultra HD, 4K, cinematic composition"
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Star:
     processor: Qwen2_5_VLImageTextProcessor
     layout: SequenceLayout
     image_size: int | None
+    # appended to the base's answer in reasoning mode when the caller gives none: the checkpoint's record
+    reasoning_suffix: str = REFERENCE_REASONING_SUFFIX
 
     def __post_init__(self) -> None:
         factor = self.vq.config.downsample_factor

@@ -32,14 +32,17 @@ def test_smoke_curriculum_runs_end_to_end_and_resumes(smoke_curriculum):
     assert set(results["geneval"]["categories"]) == {"single_object", "two_objects", "counting", "colors",
                                                      "position", "color_attr"}
     rest = json.loads((run / "eval/shapes_seen_and_riddles/results.json").read_text())
-    assert {"knowledge_without_reasoning", "knowledge_with_reasoning", "geneval_seen_combinations"} <= set(rest)
-    assert "geneval" not in rest and "geneval_seen_combinations" not in results, "the two processes split the sets"
+    assert {"knowledge_without_reasoning", "knowledge_with_reasoning", "geneval_seen"} <= set(rest)
+    assert "geneval" not in rest and "geneval_seen" not in results, "the two processes split the sets"
+    assert rest["reasoning_suffix"] == "" == results["reasoning_suffix"], "the Shapes recipe records no suffix"
     assert {"knowledge_seen_without_reasoning", "knowledge_seen_with_reasoning"} <= set(results)
     report = (run / "report.md").read_text()
     assert "Every answer identical: **True**" in report and "| stage2_stacked_ar |" in report
     assert f"Scene descriptions ({before['descriptions']['descriptions']}), per object in reading order" in report
-    assert ("| GenEval-style | seen pairs (control) | riddles, no reasoning | riddles, reasoning "
+    assert ("| held-out pairs | seen pairs | riddles, no reasoning | riddles, reasoning "
             "| seen-pair riddles, no reasoning | seen-pair riddles, reasoning |") in report
+    assert "(ShapesEval on seen and on held-out colour/shape pairs, ± one standard error)" in report
+    assert "held-out pairs: score | objects per image | wrong-shape baseline" in report
     assert "of the seen-pair riddles with the right caption" in report
     binding = json.loads((run / "eval/binding.json").read_text())
     assert binding["images"] >= 1 and f"| colour | 0.10 | {binding['colour']:.3f} |" in report

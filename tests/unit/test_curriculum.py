@@ -212,7 +212,7 @@ def test_report_merges_split_shapes_results_and_refuses_mixed_samplers(tmp_path)
     second = part("second", {"cfg_scale": 6.0}, {"geneval_seen_combinations": table})
     config = OmegaConf.create({"run_dir": str(tmp_path), "report": {"shapes_eval": [first, second]}})
     report = write_report(config, {}).read_text()
-    assert "| GenEval-style | seen pairs (control) |" in report and "![first]" in report and "![second]" in report
+    assert "| held-out pairs | seen pairs (control) |" in report and "![first]" in report and "![second]" in report
     assert "| overall, standard error | - | - |" in report  # results written before the error was recorded
     counted = {"overall": 0.25, "overall_standard_error": 0.0354, "categories": {"colors": 0.5, "counting": 0.0}}
     config.report.shapes_eval = part("counted", {"cfg_scale": 6.0}, {"geneval": counted})
@@ -221,6 +221,25 @@ def test_report_merges_split_shapes_results_and_refuses_mixed_samplers(tmp_path)
     config.report.shapes_eval = [first, mixed]
     with pytest.raises(ValueError, match="mixed.json was sampled with"):
         write_report(config, {})
+
+
+def test_report_puts_seen_and_held_out_side_by_side_with_objects_and_the_wrong_shape_baseline(tmp_path):
+    def result(score, objects, baseline):
+        return {"overall": score, "overall_standard_error": 0.02, "categories": {"colors": score, "counting": score},
+                "objects_per_image": {"colors": objects, "counting": objects}, "wrong_shape_baseline": {"colors": baseline}}
+
+    path = tmp_path / "shapes.json"
+    path.write_text(json.dumps({"sampler": {"cfg_scale": 4.0}, "geneval": result(0.1, 3.5, 0.28),
+                                "geneval_seen": result(0.6, 1.2, 0.05), "reasoning_suffix": ""}))
+    config = OmegaConf.create({"run_dir": str(tmp_path), "report": {"shapes_eval": str(path)}})
+    report = write_report(config, {}).read_text()
+    assert "**seen 0.600 ± 0.020, held-out 0.100 ± 0.020** (ShapesEval on seen and on held-out" in report
+    assert "| held-out pairs | seen pairs |" in report
+    assert ("| category | held-out pairs: score | objects per image | wrong-shape baseline | seen pairs: score | "
+            "objects per image | wrong-shape baseline |") in report
+    assert "| colors | 0.100 | 3.50 | 0.280 | 0.600 | 1.20 | 0.050 |" in report
+    assert "| counting | 0.100 | 3.50 | - | 0.600 | 1.20 | - |" in report
+    assert 'Reasoning mode appended "" to the base\'s answers.' in report
 
 
 def test_report_tables_prompt_binding_by_grid_row(tmp_path):

@@ -214,3 +214,110 @@ def test_seen_pair_riddles_answer_with_training_pairs_and_never_name_them():
     assert all(color not in r["prompt"].split() for r in records for color, _ in pairs)
     images = {r["id"]: render_scene(Scene.from_meta(r), 64) for r in records}
     assert score_geneval(records, images)["overall"] == 1.0
+
+
+# ------------------------------------------------------------------ edited images: what must not pass
+# Drawn in the world's style (supersampled, anti-aliased) by lit_star.experiments.scorer_calibration, the same
+# drawings the thresholds were calibrated against (docs/shapes_eval.md, "2026-12-05").
+
+from lit_star.experiments.scorer_calibration import draw_object_image  # noqa: E402
+from lit_star.worlds.shapes.world import COLORS, SHAPES  # noqa: E402
+
+
+def _prompt(color: str, shape: str, category: str = "single_object", count: int = 1, prompt_id: str = "x") -> dict:
+    include = [{"shape": shape, "color": color, "count": count}]
+    record = {"id": prompt_id, "category": category, "include": include}
+    if category == "counting":
+        record["exclude"] = [{"shape": shape, "color": color, "count": count + 1}]
+    return record
+
+
+def _passes_any_shape(image, color: str) -> list[str]:
+    """The world shapes with which "a <color> <shape>" passes on ``image``."""
+    detection = detect_objects(image)
+    return [s for s in SHAPES if shapes_eval.score_geneval_prompt(_prompt(color, s), detection)[0]]
+
+
+CASES = [(color, size, cell, background) for color, size, cell, background in
+         zip(["red", "blue", "black", "orange", "green", "purple"], ["large", "small"] * 3,
+             [(1, 1), (0, 2), (2, 0), (1, 1), (0, 0), (2, 2)], ["white", "gray", "beige", "light blue"] * 2)]
+
+
+@pytest.mark.parametrize("shape", ["cross", "diamond", "upside-down triangle", "six-pointed star", "rectangle 0.7"])
+def test_shapes_outside_the_vocabulary_pass_no_prompt(shape):
+    for color, size, cell, background in CASES:
+        image = draw_object_image(shape, COLORS[color], size, cell, background)
+        assert _passes_any_shape(image, color) == [], (shape, color, size)
+        (found,) = detect_objects(image).objects  # found and counted, with no shape name
+        assert found.shape == "unknown" and found.color == color
+
+
+def test_large_pentagons_and_ellipses_pass_no_circle_or_hexagon_prompt():
+    # At 12 px (small) a pentagon is within a pixel of a circle, and a 0.7 ellipse of a hexagon; see the docs.
+    for shape in ("pentagon", "ellipse 0.7"):
+        for color, _, cell, background in CASES:
+            image = draw_object_image(shape, COLORS[color], "large", cell, background)
+            assert _passes_any_shape(image, color) == [], (shape, color, cell)
+
+
+def test_an_upside_down_triangle_is_never_a_triangle():
+    for color, size, cell, background in CASES:
+        image = draw_object_image("upside-down triangle", COLORS[color], size, cell, background)
+        assert not shapes_eval.score_geneval_prompt(_prompt(color, "triangle"), detect_objects(image))[0]
+
+
+@pytest.mark.parametrize("rgb, near", [((75, 25, 95), "black"), ((128, 128, 128), "black"), ((90, 90, 90), "black"),
+                                       ((21, 42, 147), "blue"), ((14, 130, 140), "cyan"), ((188, 160, 0), "yellow")])
+def test_off_palette_colours_are_found_but_pass_no_prompt(rgb, near):
+    for shape, (_, size, cell, background) in zip(SHAPES, CASES):
+        image = draw_object_image(shape, rgb, size, cell, background)
+        detection = detect_objects(image)
+        assert len(detection.objects) == 1, (rgb, shape, size, background)  # an object, counted
+        assert detection.objects[0].color == "unknown" or detection.objects[0].shape == "unknown"
+        assert not shapes_eval.score_geneval_prompt(_prompt(near, shape), detection)[0], (rgb, shape, size)
+
+
+def test_the_right_colour_with_a_wrong_shape_fails_and_is_the_baseline():
+    red, blue = COLORS["red"], COLORS["blue"]
+    # a red square next to a blue circle is not "a red circle"
+    image = draw_object_image("square", red, "large", (1, 0), "white", extra=(("circle", blue, "large", (1, 2)),))
+    result = score_geneval([_prompt("red", "circle", prompt_id="a")], {"a": image})
+    assert result["overall"] == 0.0
+    assert result["objects_per_image"] == {"single_object": 2.0}
+    assert result["wrong_shape_baseline"] == {"single_object": 0.25}  # "a red square" of the other four passes
+    # one-object prompts accept extra objects, so four red shapes pass four of five shape prompts
+    clutter = draw_object_image("square", red, "small", (0, 0), "white", extra=tuple(
+        (s, red, "small", cell) for s, cell in (("triangle", (0, 2)), ("star", (2, 0)), ("hexagon", (2, 2)))))
+    result = score_geneval([_prompt("red", "square", "colors", prompt_id="b")], {"b": clutter})
+    assert result["overall"] == 1.0 and result["wrong_shape_baseline"] == {"colors": 0.75}
+    assert "wrong shape" in shapes_eval.format_table(result) and "objects/img" in shapes_eval.format_table(result)
+
+
+def test_an_unrecognised_object_counts_against_counting():
+    red = COLORS["red"]
+    three = (("circle", red, "large", (0, 0)), ("circle", red, "large", (0, 2)))
+    record = _prompt("red", "circle", "counting", count=3, prompt_id="c")
+    exact = draw_object_image("circle", red, "large", (2, 0), "white", extra=three)
+    assert score_geneval([record], {"c": exact})["overall"] == 1.0
+    with_cross = draw_object_image("circle", red, "large", (2, 0), "white",
+                                   extra=three + (("cross", red, "large", (2, 2)),))
+    result = score_geneval([record], {"c": with_cross})
+    assert result["overall"] == 0.0 and "expected fewer than 4 red circle" in result["per_prompt"][0]["reason"]
+
+
+@pytest.mark.parametrize("degrade", ["jpeg50", "blur0.5", "blur1"])
+def test_ground_truth_scores_one_after_jpeg_50_and_light_blur(world, degrade):
+    from lit_star.experiments.scorer_calibration import DEGRADATIONS
+
+    for name in ("geneval", "geneval_seen"):
+        prompts = load_prompts(world / f"eval/{name}.jsonl")
+        result = score_geneval(prompts, _load(world / f"eval/{name}_gt", prompts, DEGRADATIONS[degrade]))
+        assert min(result["categories"].values()) >= (0.98 if degrade == "jpeg50" else 1.0), (name, result["categories"])
+
+
+def test_seen_ground_truth_scores_one_and_finds_one_object_per_single_object_image(world):
+    result = score_geneval(world / "eval/geneval_seen.jsonl", world / "eval/geneval_seen_gt")
+    assert result["counts"] == {c: 50 for c in shapes_eval.GENEVAL_CATEGORIES}
+    assert result["categories"] == {c: 1.0 for c in shapes_eval.GENEVAL_CATEGORIES}
+    assert result["objects_per_image"]["single_object"] == 1.0 and result["objects_per_image"]["two_objects"] == 2.0
+    assert result["wrong_shape_baseline"] == {"single_object": 0.0, "colors": 0.0}

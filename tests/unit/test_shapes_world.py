@@ -20,7 +20,12 @@ from lit_star.worlds.shapes.world import (
 )
 
 TINY = dict(t2i_train=60, t2i_val=8, vqa_train=60, vqa_val=8, edit_train=30, edit_val=6, knowledge_train=30,
-            knowledge_val=6, geneval_per_category=4, edit_eval_per_category=3, knowledge_eval_size=8, shard_size=25)
+            knowledge_val=6, geneval_per_category=4, edit_eval_per_category=3, knowledge_eval_size=8, shard_size=25,
+            geneval_seen_per_category=4, geneval_seen_dev_per_category=3)
+# sha256 of the sorted "path sha256" lines of every file of the TINY world (seed 0) except world.json, as the
+# generator wrote them before the seen-pair eval sets existed (commit a2a8b78): training shards and the older
+# eval files must not move when eval sets are added.
+TINY_WORLD_DIGEST_BEFORE_SEEN_SETS = "3f94bbf9cbce7302c256cfa04a01f84f701939297650227f966acc5709e8e1fd"
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -157,6 +162,31 @@ def test_eval_sets_have_ids_images_and_sizes(world):
         assert (world / "eval/edit_gt" / f"{r['id']}.png").is_file()
     knowledge = [json.loads(line) for line in (world / "eval/knowledge.jsonl").read_text().splitlines()]
     assert len(knowledge) == 8 and all(r["prompt"] != r["caption"] and r["include"] for r in knowledge)
+
+
+def test_seen_pair_sets_leave_every_older_file_byte_identical(world):
+    lines = sorted(f"{path} {digest}" for path, digest in _tree_digest(world).items()
+                   if path != "world.json" and not path.startswith("eval/geneval_seen"))
+    assert len(lines) == 85
+    assert hashlib.sha256("\n".join(lines).encode()).hexdigest() == TINY_WORLD_DIGEST_BEFORE_SEEN_SETS
+
+
+def test_seen_pair_sets_use_training_pairs_and_differ_from_each_other(world):
+    info = json.loads((world / "world.json").read_text())
+    held = set(HELD_OUT_COMBOS)
+    texts = {}
+    for name, per_category in (("geneval_seen", 4), ("geneval_seen_dev", 3)):
+        assert info["eval"][name] == {"prompts": f"eval/{name}.jsonl", "images": f"eval/{name}_gt",
+                                      "count": 6 * per_category}
+        records = [json.loads(line) for line in (world / f"eval/{name}.jsonl").read_text().splitlines()]
+        assert [r["category"] for r in records] == [c for c in shapes.GENEVAL_CATEGORIES for _ in range(per_category)]
+        assert records == shapes.seen_combination_prompts(per_category, 0, 64, development=name.endswith("dev"))
+        for r in records:
+            assert r["id"].startswith(f"{name}_") and (world / f"eval/{name}_gt/{r['id']}.png").is_file()
+            assert not _combos(r) & held and not {(q["color"], q["shape"]) for q in r["include"]} & held
+            _check_scene_meta(r, 64)
+        texts[name] = [(r["prompt"], r["objects"]) for r in records]
+    assert texts["geneval_seen"][:3] != texts["geneval_seen_dev"][:3], "the development set has its own seed"
 
 
 def _combos(meta: dict) -> set[tuple[str, str]]:

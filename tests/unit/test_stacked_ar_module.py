@@ -207,7 +207,8 @@ def test_compile_layers_without_a_cpp_compiler_is_refused_when_the_module_is_bui
     import torch._inductor.config as inductor_config
 
     with inductor_config.patch({"cpp.cxx": ("lit-star-no-such-compiler",)}), pytest.raises(RuntimeError, match=r"model.init_args.compile_layers needs a C\+\+ compiler"):
-        StackedARModule(base_path=str(tmp_path / "missing"), vq_path=str(tmp_path / "missing"), compile_layers=True)
+        StackedARModule(base_path=str(tmp_path / "missing"), vq_path=str(tmp_path / "missing"), flavour="shapes",
+                        compile_layers=True)
 
 
 def test_packed_rows_give_the_padded_loss(frozen_dirs):
@@ -247,7 +248,8 @@ def test_init_from_loads_a_saved_stack_and_checks_its_base(frozen_dirs, tmp_path
 def test_bad_stack_rope_theta_is_refused_before_any_weights_load(tmp_path):
     # Paths that do not exist: the error must come from the argument check, not from loading.
     with pytest.raises(ValueError, match="stack_rope_theta must be > 0"):
-        StackedARModule(base_path=str(tmp_path / "no_base"), vq_path=str(tmp_path / "no_vq"), stack_rope_theta=-1.0)
+        StackedARModule(base_path=str(tmp_path / "no_base"), vq_path=str(tmp_path / "no_vq"), flavour="shapes",
+                        stack_rope_theta=-1.0)
 
 
 def test_unigram_entropy_is_the_entropy_of_the_code_frequencies():

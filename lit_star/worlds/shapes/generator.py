@@ -88,6 +88,10 @@ class WorldConfig:
         edit_train: editing training samples (source, instruction, target).
         knowledge_train: knowledge riddles (text only) for training.
         geneval_per_category: GenEval-style eval prompts per category (held-out colour/shape pairs).
+        geneval_seen_per_category: GenEval-style prompts per category drawn the same way from training
+            colour/shape pairs (``eval/geneval_seen.jsonl``, ShapesEval's "seen" score).
+        geneval_seen_dev_per_category: a second seen-pair set from its own seed (``eval/geneval_seen_dev.jsonl``),
+            for choosing sampler settings; never scored as a result.
         edit_eval_per_category: edit eval pairs per category.
         knowledge_eval_size: riddles in the knowledge eval set.
         shard_size: samples per webdataset shard.
@@ -107,6 +111,8 @@ class WorldConfig:
     knowledge_train: int = 2000
     knowledge_val: int = 200
     geneval_per_category: int = 50
+    geneval_seen_per_category: int = 50
+    geneval_seen_dev_per_category: int = 50
     edit_eval_per_category: int = 30
     knowledge_eval_size: int = 100
     shard_size: int = 1000
@@ -459,14 +465,18 @@ def _riddle_record(rng: random.Random, prompt_id: str, prompt: Prompt, res: int)
     return record
 
 
-def seen_combination_prompts(per_category: int, seed: int = 0, resolution: int = 64) -> list[dict]:
-    """GenEval-style prompt records drawn like the training captions (no held-out colour/shape pair).
+def seen_combination_prompts(per_category: int, seed: int = 0, resolution: int = 64,
+                             development: bool = False) -> list[dict]:
+    """GenEval-style prompt records drawn like the held-out eval set but from training colour/shape pairs.
 
-    The control for the held-out eval set: a stack that fails these cannot draw what it was trained on,
-    while one that passes these but not the eval set fails at composing unseen pairs.
+    ShapesEval's "seen" set (written to ``eval/geneval_seen.jsonl``): a stack that fails these cannot draw
+    what it was trained on, while one that passes these but not the held-out set fails at composing unseen
+    pairs. ``development`` draws the development set instead (``eval/geneval_seen_dev.jsonl``, its own RNG
+    stream, ids ``geneval_seen_dev_*``), on which sampler settings are chosen.
     """
-    rng = random.Random(f"shapes:{seed}:eval:geneval_seen")
-    return [_prompt_record(f"seen_{prompt_id}", prompt, resolution)
+    name = "geneval_seen_dev" if development else "geneval_seen"
+    rng = random.Random(f"shapes:{seed}:eval:{name}")
+    return [_prompt_record(f"{name}_{prompt_id}", prompt, resolution)
             for prompt_id, prompt in _eval_prompts(rng, GENEVAL_CATEGORIES, per_category, resolution,
                                                    lambda c: c not in ("single_object", "colors"), held_out=False)]
 
@@ -528,12 +538,25 @@ def write_eval_sets(out: Path, cfg: WorldConfig, bar) -> dict:
         render_scene(prompt.scene, res).save(folder / "knowledge_gt" / f"{record['id']}.png")
         bar.update(1)
     _write_jsonl(folder / "knowledge.jsonl", knowledge)
+
+    # Written last, each from its own RNG stream, so every file above is the same as before these existed.
+    seen_sets = {}
+    for name, per_category, development in (("geneval_seen", cfg.geneval_seen_per_category, False),
+                                            ("geneval_seen_dev", cfg.geneval_seen_dev_per_category, True)):
+        records = seen_combination_prompts(per_category, cfg.seed, res, development=development)
+        (folder / f"{name}_gt").mkdir(parents=True, exist_ok=True)
+        for record in records:
+            render_scene(Scene.from_meta(record), res).save(folder / f"{name}_gt" / f"{record['id']}.png")
+            bar.update(1)
+        _write_jsonl(folder / f"{name}.jsonl", records)
+        seen_sets[name] = {"prompts": f"{EVAL_DIR}/{name}.jsonl", "images": f"{EVAL_DIR}/{name}_gt", "count": len(records)}
     return {
         "geneval": {"prompts": f"{EVAL_DIR}/geneval.jsonl", "images": f"{EVAL_DIR}/geneval_gt", "count": len(geneval)},
         "edit": {"prompts": f"{EVAL_DIR}/edit.jsonl", "source_images": f"{EVAL_DIR}/edit_source",
                  "images": f"{EVAL_DIR}/edit_gt", "count": len(edits)},
         "knowledge": {"prompts": f"{EVAL_DIR}/knowledge.jsonl", "images": f"{EVAL_DIR}/knowledge_gt",
                       "count": len(knowledge)},
+        **seen_sets,
     }
 
 
@@ -568,8 +591,9 @@ def generate_world(out: str | Path, cfg: WorldConfig | None = None, progress: bo
     out.mkdir(parents=True, exist_ok=True)
 
     plan = [(task, split, getattr(cfg, f"{task}_{split}")) for task in SHARD_SETS for split in ("train", "val")]
-    eval_count = (len(GENEVAL_CATEGORIES) * cfg.geneval_per_category + len(EDIT_CATEGORIES) * cfg.edit_eval_per_category
-                  + cfg.knowledge_eval_size)
+    eval_count = (len(GENEVAL_CATEGORIES) * (cfg.geneval_per_category + cfg.geneval_seen_per_category
+                                             + cfg.geneval_seen_dev_per_category)
+                  + len(EDIT_CATEGORIES) * cfg.edit_eval_per_category + cfg.knowledge_eval_size)
     splits: dict[str, dict] = {}
     with tqdm(total=sum(n for *_, n in plan) + eval_count, desc="shapes world", unit="sample",
               disable=not progress, file=sys.stderr) as bar:
