@@ -212,8 +212,8 @@ def markdown(results: Results, plots: dict[str, str] | None = None, digits: int 
         lines.append("| " + " | ".join(cells) + " |")
     if results.comparisons:
         lines += ["", f"Paired by seed against the baseline `{results.comparisons[0]['baseline']}`: difference point - "
-                      "baseline (mean ± std over pairs), how many seeds were higher / lower, and the two-sided sign "
-                      "test (with 3 pairs it cannot go below 0.25).", "",
+                      "baseline (mean ± std over pairs), how many seeds were higher / lower, and the two-sided exact "
+                      "sign test (with n pairs it cannot go below 2 / 2^n: 0.25 for 3, 0.125 for 4).", "",
                   "| point | metric | difference | pairs | higher / lower | sign test p |", "|---|---|---|---|---|---|"]
         for c in results.comparisons:
             lines.append(f"| {c['point']} | {labels[c['metric']]} | {_pm(c['diff_mean'], c['diff_std'], digits)} | "
