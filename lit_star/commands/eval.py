@@ -107,11 +107,15 @@ def shapes(
         from lit_star.commands.options import load_model
         from lit_star.eval.shapes import evaluate_on_shapes
 
-        evaluate_on_shapes(
-            load_model(ckpt, model), world, out, sampler, decode, batch_size, seed, edits=edits, knowledge=knowledge,
-            per_category=per_category, seen_combinations=seen_combinations, seen_riddles=seen_riddles, geneval=geneval,
-            seen=seen, development=development, reasoning_suffix=reasoning_suffix,
-        )
+        try:
+            evaluate_on_shapes(
+                load_model(ckpt, model), world, out, sampler, decode, batch_size, seed, edits=edits, knowledge=knowledge,
+                per_category=per_category, seen_combinations=seen_combinations, seen_riddles=seen_riddles,
+                geneval=geneval, seen=seen, development=development, reasoning_suffix=reasoning_suffix,
+            )
+        except (FileNotFoundError, ValueError) as err:
+            print(f"eval shapes: {err}", file=sys.stderr)
+            return 2
         return 0
     if prompts is None or images is None:
         print("eval shapes: give --prompts and --images to score a folder, or --ckpt to generate first", file=sys.stderr)

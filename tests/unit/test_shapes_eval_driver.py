@@ -86,14 +86,20 @@ def test_seen_and_held_out_are_scored_side_by_side_with_the_recorded_suffix(dirs
     assert saved["headline"] == results["headline"]
 
 
-def test_a_world_without_the_seen_set_is_named(dirs, tmp_path):
+def test_a_world_without_the_seen_set_is_named(dirs, tmp_path, capsys):
     root, world, base, vq = dirs
-    star = load_star(_checkpoint(root, base, vq, "old_world.ckpt"))
+    ckpt = _checkpoint(root, base, vq, "old_world.ckpt")
+    star = load_star(ckpt)
     old = tmp_path / "old_world"
     (old / "eval").mkdir(parents=True)
     (old / "eval/geneval.jsonl").write_text((world / "eval/geneval.jsonl").read_text())
     with pytest.raises(FileNotFoundError, match="geneval_seen.jsonl does not exist"):
         evaluate_on_shapes(star, old, tmp_path / "out", SAMPLER, knowledge=False, log=lambda *_: None)
+    assert evaluate_on_shapes(star, old, tmp_path / "out", SAMPLER, knowledge=False, seen=False, per_category=1,
+                              log=lambda *_: None)["headline"].keys() == {"held_out"}
+    assert cli(["eval", "shapes", "--ckpt", str(ckpt), "--world", str(old), "--out", str(tmp_path / "cli"),
+                "--knowledge", "false"]) == 2
+    assert "geneval_seen.jsonl does not exist" in capsys.readouterr().err
 
 
 def test_vq_reconstructions_are_scored_with_psnr_and_usage_beside(dirs, tmp_path, capsys):

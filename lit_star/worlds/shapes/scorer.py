@@ -401,7 +401,7 @@ def _matching(objects: list[DetectedObject], req: Mapping, unknown_matches: bool
     def fits(value: str, wanted: str | None) -> bool:
         return wanted is None or value == wanted or (unknown_matches and value == UNKNOWN)
 
-    found = [o for o in objects if fits(o.shape, req["shape"]) and fits(o.color, req.get("color"))]
+    found = [o for o in objects if fits(o.shape, req.get("shape")) and fits(o.color, req.get("color"))]
     return sorted(found, key=lambda o: -o.mass)
 
 
