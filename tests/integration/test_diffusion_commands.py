@@ -16,7 +16,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stage2_fixtures import loader, write_micro_base, write_small_vq  # noqa: E402
-from test_diffusion_decoder_module import make_module  # noqa: E402
+from tests.unit.test_diffusion_decoder_module import make_module  # noqa: E402
 
 from lit_star.models.stacked_ar import StackedAR, save_stacked_ar  # noqa: E402
 from lit_star.models.vq import VQModel  # noqa: E402

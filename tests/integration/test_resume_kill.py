@@ -30,7 +30,7 @@ from resume_fixtures import (  # noqa: E402
 )
 from stage2_fixtures import CAPTIONS, CODE_GRID, write_micro_base, write_small_vq  # noqa: E402
 
-from lit_star.data.shapes import WorldConfig, generate_world  # noqa: E402
+from lit_star.worlds.shapes.generator import WorldConfig, generate_world  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
