@@ -31,7 +31,7 @@ SAMPLES = STEPS * WORLD_SIZE * MICRO_BATCH
 
 
 def build_module(vq: Path):
-    from test_diffusion_decoder_module import make_module
+    from tests.unit.test_diffusion_decoder_module import make_module
 
     return make_module(vq, activation_checkpointing=True)
 
