@@ -16,6 +16,8 @@ NOTEBOOKS = REPO / "notebooks"
 EXECUTED_BY = {
     "ablations.ipynb": "test_ablations_notebook_runs_on_a_fabricated_sweep",
     "explore_shapes_curriculum.ipynb": "test_explore_notebook_runs_on_the_smoke_curriculum",
+    # executed in tests/unit/test_eval_decoders.py, against a tiny trained stage 3 decoder
+    "diffusion_decoder.ipynb": "test_eval_decoders_scores_every_decoder_and_category",
 }
 
 
