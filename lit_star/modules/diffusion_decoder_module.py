@@ -55,7 +55,7 @@ from lit_star.models.diffusion_decoder import (
 )
 from lit_star.models.stacked_ar import base_state_checksum
 from lit_star.models.vq import VQModel
-from lit_star.modules.schedules import lr_multiplier
+from lit_star.modules.schedules import check_global_batch_size, lr_multiplier
 
 FROZEN_STATE_PREFIXES = ("decoder.vae.", "decoder.text_encoder.", "vq.")
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none")
@@ -336,17 +336,7 @@ class DiffusionDecoderModule(LightningModule):
     # ---- optimisation -------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
-        expected = self.hparams.global_batch_size
-        micro = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
-        if expected is None or micro is None:
-            return
-        actual = micro * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        if actual != expected:
-            raise ValueError(
-                f"global batch {actual} = data batch_size {micro} x {self.trainer.world_size} processes x "
-                f"accumulate_grad_batches {self.trainer.accumulate_grad_batches}, but global_batch_size is "
-                f"{expected}; adjust trainer.accumulate_grad_batches or data.init_args.batch_size"
-            )
+        check_global_batch_size(self.trainer, self.hparams.global_batch_size)
 
     def configure_optimizers(self):
         trainable = [p for p in self.parameters() if p.requires_grad]

@@ -44,3 +44,17 @@ def lr_multiplier(
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"schedule must be 'cosine', 'annealing' or 'constant', got {schedule!r}")
+
+
+def check_global_batch_size(trainer, expected: int | None) -> None:
+    """Refuse to fit unless data batch_size x processes x gradient accumulation equals ``expected`` (if set)."""
+    micro = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+    if expected is None or micro is None:
+        return
+    actual = micro * trainer.world_size * trainer.accumulate_grad_batches
+    if actual != expected:
+        raise ValueError(
+            f"global batch {actual} = data batch_size {micro} x {trainer.world_size} processes x "
+            f"accumulate_grad_batches {trainer.accumulate_grad_batches}, but global_batch_size is "
+            f"{expected}; adjust trainer.accumulate_grad_batches or data.init_args.batch_size"
+        )

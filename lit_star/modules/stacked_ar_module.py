@@ -73,7 +73,7 @@ from lit_star.models.stacked_ar import (
 )
 from lit_star.models.vq import CONFIG_FILE as VQ_CONFIG_FILE
 from lit_star.models.vq import VQConfig, VQModel, vq_config
-from lit_star.modules.schedules import lr_multiplier
+from lit_star.modules.schedules import check_global_batch_size, lr_multiplier
 
 ActivationCheckpointing = Literal["base", "stack"]
 # State-dict prefixes of the frozen parts; they never enter a checkpoint (see the module docstring).
@@ -420,18 +420,7 @@ class StackedARModule(LightningModule):
     # ---- optimisation -------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
-        expected = self.hparams.global_batch_size
-        datamodule = getattr(self.trainer, "datamodule", None)
-        micro = getattr(datamodule, "batch_size", None)
-        if expected is None or micro is None:
-            return
-        actual = micro * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        if actual != expected:
-            raise ValueError(
-                f"global batch {actual} = data batch_size {micro} x {self.trainer.world_size} processes x "
-                f"accumulate_grad_batches {self.trainer.accumulate_grad_batches}, but global_batch_size is "
-                f"{expected}; adjust trainer.accumulate_grad_batches or data.init_args.batch_size"
-            )
+        check_global_batch_size(self.trainer, self.hparams.global_batch_size)
 
     def configure_optimizers(self):
         trainable = [p for p in self.parameters() if p.requires_grad]
