@@ -68,6 +68,7 @@ def decode(
     steps: int = 40,
     guidance: float = 4.5,
     image_guidance: float = 1.05,
+    shift: float | None = None,
     seed: int = 0,
     batch_size: int = 16,
     threads: int = 1,
@@ -89,6 +90,7 @@ def decode(
         steps: Euler steps of the diffusion decoder.
         guidance: its text guidance.
         image_guidance: its image guidance.
+        shift: sampling-time scheduler shift (default: the trained one).
         seed: grid i is drawn with seed + i.
         batch_size: grids decoded together.
         threads: CPU threads.
@@ -119,7 +121,7 @@ def decode_items(args: SimpleNamespace, items: list[dict]) -> int:
         vq = stage3.vq
         if vq is None:
             raise SystemExit("decode: the stage 3 source records no VQ; pass --vq")
-        settings = GuidanceSettings(args.steps, args.guidance, args.image_guidance)
+        settings = GuidanceSettings(args.steps, args.guidance, args.image_guidance, shift=args.shift)
     else:
         vq, settings = load_vq(args.vq, args.vq_flavour), None
     with open(args.out / "decoded.jsonl", "w", encoding="utf-8") as log:

@@ -233,6 +233,7 @@ def decoders(
     steps: int = 40,
     guidance: float = 4.5,
     image_guidance: float = 1.05,
+    shift: float | None = None,
     features: str | None = None,
     limit: int | None = None,
     threads: int = 1,
@@ -248,6 +249,7 @@ def decoders(
         steps: Euler steps of the diffusion decoders.
         guidance: their text guidance.
         image_guidance: their image guidance.
+        shift: sampling-time scheduler shift (default: the trained one).
         features: torch.export feature network for the Fréchet distance.
         limit: prompts per category (default: all).
         threads: CPU threads.
@@ -259,7 +261,7 @@ def decoders(
 
     torch.set_num_threads(threads)
     results = compare_decoders(Path(world), vq, list(stage3), Path(out), size,
-                               GuidanceSettings(steps, guidance, image_guidance), features, limit)
+                               GuidanceSettings(steps, guidance, image_guidance, shift=shift), features, limit)
     print(format_comparison(results))
     print(f"wrote {Path(out) / 'results.json'}")
     return 0

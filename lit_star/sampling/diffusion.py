@@ -33,6 +33,7 @@ class GuidanceSettings:
     image_guidance: float = 1.05
     vq_guidance: float = 1.0  # editing's fourth pass
     batched: bool = True
+    shift: float | None = None  # sampling-time override of the scheduler's shift (None: the trained one)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -42,8 +43,9 @@ TEXT_TO_IMAGE = GuidanceSettings(40, 4.5, 1.05)
 EDITING = GuidanceSettings(50, 3.0, 1.8)
 
 
-def sampling_scheduler(scheduler, steps: int, image_tokens: int):
-    """A copy of ``scheduler`` set to ``steps`` sigmas ``linspace(1, 1/N, N)`` (shifted by the scheduler)."""
+def sampling_scheduler(scheduler, steps: int, image_tokens: int, shift: float | None = None):
+    """A copy of ``scheduler`` set to ``steps`` sigmas ``linspace(1, 1/N, N)`` (shifted by the scheduler, or by
+    ``shift`` when given)."""
     import copy
 
     from diffusers.pipelines.lumina2.pipeline_lumina2 import calculate_shift
@@ -51,6 +53,10 @@ def sampling_scheduler(scheduler, steps: int, image_tokens: int):
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     scheduler = copy.deepcopy(scheduler)
+    if shift is not None:
+        if shift <= 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        scheduler.set_shift(shift)
     config = scheduler.config
     mu = None
     if config.get("use_dynamic_shifting", False):
@@ -113,7 +119,7 @@ def sample_latents(
     masks = [negative_mask, negative_mask, text_mask]
     assert all(e.shape[1] == length for e in embeds), "captions are padded to max_caption_tokens"
     p = decoder.transformer.config.patch_size
-    scheduler = sampling_scheduler(scheduler, settings.steps, (h // p) * (w // p))
+    scheduler = sampling_scheduler(scheduler, settings.steps, (h // p) * (w // p), settings.shift)
     latents = noise
     steps = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):

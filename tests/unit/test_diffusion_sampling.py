@@ -123,3 +123,11 @@ def test_editing_adds_the_vq_pass_and_sizes_are_checked(decoder):
     assert check_output_size(decoder, 12) == (12, 12)
     with pytest.raises(ValueError, match="multiple of 2"):
         check_output_size(decoder, 9)
+
+
+def test_sampling_shift_override():
+    scheduler = build_scheduler(shift=1.0)
+    shifted = sampling_scheduler(scheduler, 4, 16, shift=6.0)
+    plain = torch.linspace(1.0, 0.25, 4)
+    assert torch.allclose(shifted.sigmas[:-1], 6 * plain / (1 + 5 * plain))
+    assert scheduler.shift == 1.0  # the caller's scheduler is untouched
