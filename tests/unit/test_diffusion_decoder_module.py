@@ -183,3 +183,32 @@ def test_pre_extracted_vae_latents_give_the_on_the_fly_loss(vq_dir, tmp_path):
         fresh_batch = {k: v for k, v in batch.items() if k not in ("latents", "codes")}
         fresh = module.flow_loss(module.unpack(fresh_batch, 0), dropout=False)
     assert torch.allclose(stored, fresh, rtol=2e-2), (stored, fresh)  # float16 storage of the posterior
+
+
+@pytest.mark.parametrize("override, mode", [(None, "channel"), ("concat_sequence", "sequence"),
+                                            ("concat_text", "text")])
+def test_paper_recipes_parse_with_table_9_values(override, mode, tmp_path):
+    from stage3_fixtures import write_tiny_lumina
+
+    from lit_star.training import StarCLI
+
+    lumina = write_tiny_lumina(tmp_path / "lumina")
+    recipes = REPO / "recipes" / "stage3_diffusion_decoder"
+    configs = [recipes / "lumina2.yaml"] + ([recipes / f"{override}.yaml"] if override else [])
+    args = [arg for config in configs for arg in ("--config", str(config))]
+    cli = StarCLI(args=[*args, "--model.init_args.lumina_path", str(lumina), "--trainer.accelerator", "cpu",
+                        "--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.precision", "32-true",
+                        "--trainer.default_root_dir", str(tmp_path / "run")], run=False)
+    hp = cli.model.hparams
+    assert hp.conditioning == mode and hp.learning_rate == 1e-4 and hp.lr_schedule == "constant"
+    assert hp.global_batch_size == 2048 and cli.trainer.max_steps == 4000 and cli.datamodule.resolution == 512
+    assert cli.datamodule.batch_size * 8 * 8 * cli.trainer.accumulate_grad_batches == 2048
+
+
+def test_lumina_image_2_dit_has_its_size_on_meta():
+    from lit_star.models.diffusion_decoder import LUMINA2_DIT, DecoderConfig, build_transformer
+
+    with torch.device("meta"):
+        dit = build_transformer(DecoderConfig(transformer=LUMINA2_DIT))
+    assert dit.config.in_channels == 528 and dit.norm_out.linear_2.out_features == 4 * 16
+    assert sum(p.numel() for p in dit.parameters()) == pytest.approx(2.6e9, rel=0.05)
