@@ -50,11 +50,11 @@ def write_tiny_lumina(directory: Path, seed: int = 0) -> Path:
 class ReferenceDecoderTree(nn.Module):
     """The reference's ``Lumina2Decoder`` submodules, by name, at tiny sizes (channel/"seq" mode)."""
 
-    def __init__(self, lumina: Path, seed: int = 1) -> None:
+    def __init__(self, lumina: Path, seed: int = 1, code_dim: int = CODE_DIM) -> None:
         super().__init__()
         transformer = Lumina2Transformer2DModel.from_pretrained(lumina / "transformer")
         p, hidden = transformer.config.patch_size, transformer.config.hidden_size
-        transformer.x_embedder = nn.Linear((LATENT + CODE_DIM) * p * p, hidden)
+        transformer.x_embedder = nn.Linear((LATENT + code_dim) * p * p, hidden)
         transformer.ori_inp_refiner = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(approximate="tanh"),
                                                     nn.Linear(hidden, hidden, bias=False))
         self.transformer = _perturb(transformer, seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -98,3 +99,31 @@ def test_lumina_directory_initialises_the_dit_with_both_embedder_modes(lumina):
     assert (outputs["reference"] - expected).abs().max() > 1e-3
     assert decoders["scatter"].config.vae_shift == pytest.approx(0.1)
     assert decoders["scatter"].config.latent_downsample == 2
+
+
+def test_import_reference_with_lumina_loads_the_decoder_strictly(lumina, tmp_path):
+    """A whole released-layout checkpoint: `import-reference --lumina` writes a decoder that load_stage3 reads."""
+    from test_reference_format import VQ_FLAVOUR, build_model, write_reference
+
+    from lit_star.checkpoints import load_stage3
+    from lit_star.commands.import_reference import main as import_reference_main
+    from lit_star.models.diffusion_decoder import decoder_key_to_reference
+    from lit_star.models.reference_format import export_reference_state_dict
+    from lit_star.models.tokenizer import train_qwen2_tokenizer
+    from lit_star.models.vq import VQModel, vq_config
+
+    torch.manual_seed(3)
+    vq = VQModel(vq_config(VQ_FLAVOUR, codebook_projector=False)).eval()
+    model = build_model(train_qwen2_tokenizer(["a red circle"] * 20, vocab_size=320, min_frequency=1), vq)
+    tree = ReferenceDecoderTree(lumina, code_dim=vq.config.codebook_embed_dim)
+    decoder_state = {k: v.detach().clone() for k, v in tree.state_dict().items()}
+    ckpt, base_dir = write_reference(tmp_path, model, vq,
+                                     export_reference_state_dict(model, vq.reference_state_dict(), decoder_state))
+    assert import_reference_main(["--ckpt", str(ckpt), "--base", str(base_dir), "--out", str(tmp_path / "out"),
+                                  "--vq-config", VQ_FLAVOUR, "--lumina", str(lumina)]) == 0
+    report = json.loads((tmp_path / "out" / "import_report.json").read_text())
+    assert report["diffusion_decoder"]["loaded_strictly"] and report["diffusion_decoder"]["keys"] == len(decoder_state)
+    loaded = load_stage3(tmp_path / "out" / "diffusion_decoder")
+    assert loaded.vq is not None
+    for key, value in loaded.decoder.state_dict().items():
+        assert torch.equal(decoder_state[decoder_key_to_reference(key)], value), key
