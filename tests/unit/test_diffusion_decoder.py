@@ -123,8 +123,7 @@ def test_every_conditioning_mode_reads_the_vq(text_parts, mode):
     assert (decoder.denoiser.vq_projection is None) == (mode == "channel")
 
 
-def test_vq_map_is_bilinear_without_corner_alignment(text_parts):
-    decoder = tiny_decoder(text_parts)
+def test_vq_map_is_bilinear_without_corner_alignment():
     codes = torch.randn(1, 9, CODE_DIM)
     grid = codes.view(1, 3, 3, CODE_DIM).permute(0, 3, 1, 2)
     expected = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bilinear", align_corners=False)
