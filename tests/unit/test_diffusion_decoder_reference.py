@@ -106,7 +106,7 @@ def test_import_reference_with_lumina_loads_the_decoder_strictly(lumina, tmp_pat
     from test_reference_format import VQ_FLAVOUR, build_model, write_reference
 
     from lit_star.checkpoints import load_stage3
-    from lit_star.commands.import_reference import main as import_reference_main
+    from lit_star.commands.import_reference import import_reference
     from lit_star.models.diffusion_decoder import decoder_key_to_reference
     from lit_star.models.reference_format import export_reference_state_dict
     from lit_star.models.tokenizer import train_qwen2_tokenizer
@@ -119,8 +119,7 @@ def test_import_reference_with_lumina_loads_the_decoder_strictly(lumina, tmp_pat
     decoder_state = {k: v.detach().clone() for k, v in tree.state_dict().items()}
     ckpt, base_dir = write_reference(tmp_path, model, vq,
                                      export_reference_state_dict(model, vq.reference_state_dict(), decoder_state))
-    assert import_reference_main(["--ckpt", str(ckpt), "--base", str(base_dir), "--out", str(tmp_path / "out"),
-                                  "--vq-config", VQ_FLAVOUR, "--lumina", str(lumina)]) == 0
+    assert import_reference(str(ckpt), str(base_dir), str(tmp_path / "out"), vq_config=VQ_FLAVOUR, lumina=str(lumina)) == 0
     report = json.loads((tmp_path / "out" / "import_report.json").read_text())
     assert report["diffusion_decoder"]["loaded_strictly"] and report["diffusion_decoder"]["keys"] == len(decoder_state)
     loaded = load_stage3(tmp_path / "out" / "diffusion_decoder")
