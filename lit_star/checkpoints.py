@@ -570,7 +570,9 @@ def _stage3_from_lightning_checkpoint(ckpt: Path, checkpoint: dict, vq, vq_flavo
     decoder, scheduler = build_diffusion_decoder(spec, vq_model.config.codebook_embed_dim, dit_weights=False)
     loaded = {"vq": base_state_checksum(vq_model)}
     loaded.update({name: base_state_checksum(module) for name, module in decoder.frozen_modules().items()})
-    changed = sorted(name for name, value in checkpoint.get(FROZEN_CHECKSUMS_KEY, {}).items() if loaded.get(name) != value)
+    # only the parts this loader loads (a stage 4 checkpoint also records the base's)
+    changed = sorted(name for name, value in checkpoint.get(FROZEN_CHECKSUMS_KEY, {}).items()
+                     if name in loaded and loaded[name] != value)
     if changed:
         raise FrozenWeightsChangedError(f"{ckpt} was trained on different frozen weights ({', '.join(changed)})")
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
