@@ -61,3 +61,27 @@ def test_training_keeps_frozen_checksums_and_moves_both_models(frozen_dirs, tmp_
 
     loaded = load_stage4(tmp_path / "stage4.ckpt")
     assert loaded.stage3.vq is loaded.stage2.vq
+
+
+def test_edit_batch_trains_on_target_codes_only_with_the_samplers_source_encoding(frozen_dirs):
+    from lit_star.models.edit_source import encode_edit_source, tensor_to_image
+    from lit_star.models.sequence_layout import IGNORE_INDEX
+
+    module = make_module(frozen_dirs)
+    module.configure_model()
+    g = torch.Generator().manual_seed(0)
+    batch = {"source_image": torch.rand(2, 3, 32, 32, generator=g) * 2 - 1,
+             "target_image": torch.rand(2, 3, 32, 32, generator=g) * 2 - 1,
+             "instruction": ["make it red", "remove the circle"], "__key__": ["e0", "e1"]}
+    losses = module.losses(batch, 0, dropout=False)
+    assert torch.isfinite(losses["loss"])
+    ar = module.autoregressive
+    target = module.diffusion._codes(batch["target_image"], None)
+    sources = ar.edit_sources(batch["source_image"], vq_size=32)
+    sampler_source = encode_edit_source(ar.vq, ar.image_processor, tensor_to_image(batch["source_image"][0]), 32,
+                                        ar.edit_vit_limits)
+    assert torch.equal(sources[0].codes, sampler_source.codes)
+    assert torch.equal(sources[0].pixel_values, sampler_source.pixel_values)
+    sequences = ar.layout_edit_batch(batch, target, sources, cfg_dropout=False)
+    labelled = sequences.labels[sequences.labels != IGNORE_INDEX]
+    assert torch.equal(labelled, target.reshape(-1)), "loss only on the target codes"
