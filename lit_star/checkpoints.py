@@ -211,8 +211,11 @@ def _stage2_from_directory(directory: Path, base, vq, vq_flavour) -> Stage2Weigh
                          REFERENCE_REASONING_SUFFIX if suffix is None else suffix)
 
 
-def _stage2_from_lightning_checkpoint(path: Path, base, vq, vq_flavour) -> Stage2Weights:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+def _stage2_from_lightning_checkpoint(path: Path, base, vq, vq_flavour, checkpoint: dict | None = None,
+                                      prefix: str = STAGE2_STATE_PREFIX) -> Stage2Weights:
+    """``checkpoint``: the loaded ``path`` (stage 4 reads it once for both models); ``prefix``: of the stack's keys."""
+    if checkpoint is None:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict)")
     if STACKED_AR_CONFIG_KEY in checkpoint:
@@ -254,7 +257,7 @@ def _stage2_from_lightning_checkpoint(path: Path, base, vq, vq_flavour) -> Stage
         stack_rope_theta=config["stack_rope_theta"],
     )
     model.stack_init = config["stack_init"]
-    state = {k[len(STAGE2_STATE_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(STAGE2_STATE_PREFIX)}
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     model.load_trainable_state_dict(state)
     recorded_size = (
         checkpoint.get("hyper_parameters", {}).get("image_size")
@@ -551,18 +554,60 @@ def load_stage3(ckpt: str | Path, vq: str | Path | None = None, vq_flavour: str 
     if not ckpt.is_file():
         raise FileNotFoundError(f"no stage 3 checkpoint at {ckpt}")
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    return _stage3_from_lightning_checkpoint(ckpt, checkpoint, vq, vq_flavour)
+
+
+def _stage3_from_lightning_checkpoint(ckpt: Path, checkpoint: dict, vq, vq_flavour, prefix: str = STAGE3_STATE_PREFIX,
+                                      vq_model: VQModel | None = None) -> Stage3Weights:
+    """``prefix``: of the DiT's keys; ``vq_model``: a VQ already loaded (stage 4 shares the stack's)."""
     if not isinstance(checkpoint, dict) or STAGE3_CONFIG_KEY not in checkpoint:
         raise KeyError(f"{ckpt} has no {STAGE3_CONFIG_KEY!r}: not a DiffusionDecoderModule checkpoint")
     recorded = checkpoint[STAGE3_CONFIG_KEY]
-    vq_model = load_vq(vq if vq is not None else recorded["vq_path"], vq_flavour if vq is not None else recorded["vq_flavour"])
+    if vq_model is None:
+        vq_model = load_vq(vq if vq is not None else recorded["vq_path"],
+                           vq_flavour if vq is not None else recorded["vq_flavour"])
     spec = DecoderSpec(**recorded["spec"])
     decoder, scheduler = build_diffusion_decoder(spec, vq_model.config.codebook_embed_dim, dit_weights=False)
     loaded = {"vq": base_state_checksum(vq_model)}
     loaded.update({name: base_state_checksum(module) for name, module in decoder.frozen_modules().items()})
-    changed = sorted(name for name, value in checkpoint.get(FROZEN_CHECKSUMS_KEY, {}).items() if loaded.get(name) != value)
+    # only the parts this loader loads (a stage 4 checkpoint also records the base's)
+    changed = sorted(name for name, value in checkpoint.get(FROZEN_CHECKSUMS_KEY, {}).items()
+                     if name in loaded and loaded[name] != value)
     if changed:
         raise FrozenWeightsChangedError(f"{ckpt} was trained on different frozen weights ({', '.join(changed)})")
-    state = {k[len(STAGE3_STATE_PREFIX):]: v for k, v in checkpoint["state_dict"].items()
-             if k.startswith(STAGE3_STATE_PREFIX)}
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     decoder.denoiser.load_state_dict(state, strict=True)
     return Stage3Weights(decoder.eval(), scheduler, vq_model)
+
+
+# ---- stage 4: the stack and the decoder tuned together ------------------------------------------
+
+STAGE4_CONFIG_KEY = "unified_tune_config"
+# Where UnifiedTuneModule keeps its two models' trainable weights in its state_dict.
+STAGE4_STACK_PREFIX = "autoregressive." + STAGE2_STATE_PREFIX
+STAGE4_DECODER_PREFIX = "diffusion." + STAGE3_STATE_PREFIX
+
+
+@dataclass
+class Stage4Weights:
+    """A loaded stage 4 result: the stack (with its VQ) and the decoder (sharing that VQ), and how they trained."""
+
+    stage2: Stage2Weights
+    stage3: Stage3Weights
+    config: dict
+
+
+def load_stage4(ckpt: str | Path, base: str | Path | None = None, vq: str | Path | None = None,
+                vq_flavour: str | None = None) -> Stage4Weights:
+    """A ``UnifiedTuneModule`` checkpoint: both models rebuilt through the stage 2 and stage 3 loaders, each frozen
+    part checked against the checksum the checkpoint recorded; ``base`` / ``vq`` override the recorded paths."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no stage 4 checkpoint at {ckpt}")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict) or STAGE4_CONFIG_KEY not in checkpoint:
+        raise KeyError(f"{ckpt} has no {STAGE4_CONFIG_KEY!r}: not a UnifiedTuneModule checkpoint")
+    stage2 = _stage2_from_lightning_checkpoint(ckpt, base, vq, vq_flavour, checkpoint, prefix=STAGE4_STACK_PREFIX)
+    stage3 = _stage3_from_lightning_checkpoint(ckpt, checkpoint, vq, vq_flavour, prefix=STAGE4_DECODER_PREFIX,
+                                               vq_model=stage2.vq)
+    return Stage4Weights(stage2, stage3, dict(checkpoint[STAGE4_CONFIG_KEY]))

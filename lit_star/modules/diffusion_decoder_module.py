@@ -44,7 +44,7 @@ from lit_star.checkpoints import (
     build_diffusion_decoder,
     load_vq,
 )
-from lit_star.distributed.plans import enable_activation_checkpointing, fully_shard_units
+from lit_star.distributed.diffusion_decoder import parallelize_diffusion_decoder
 from lit_star.models.diffusion_decoder import (
     ConfigError,
     DiffusionDecoder,
@@ -148,9 +148,20 @@ class DiffusionDecoderModule(LightningModule):
     def configure_model(self) -> None:
         if self.decoder is not None:
             return
+        self.build_model()
+        self._apply_parallelism_plan()
+
+    def build_model(self) -> None:
+        """:meth:`configure_model` without the parallelism plan (stage 4 applies one plan over both models).
+
+        A VQ already set on ``self.vq`` (stage 4 shares one between its models) is used instead of loading one.
+        """
+        if self.decoder is not None:
+            return
         hp = self.hparams
         empty = torch.get_default_device().type == "meta"
-        self.vq = load_vq(hp.vq_path, hp.vq_flavour)
+        if self.vq is None:
+            self.vq = load_vq(hp.vq_path, hp.vq_flavour)
         self.vq.requires_grad_(False).eval()
         decoder, scheduler = build_diffusion_decoder(self.spec, self.vq.config.codebook_embed_dim, empty=empty)
         for module in decoder.frozen_modules().values():
@@ -167,7 +178,6 @@ class DiffusionDecoderModule(LightningModule):
             f"VAE {_count(decoder.vae) if decoder.vae is not None else 0:,} (pixel space: {decoder.vae is None}), "
             f"VQ {_count(self.vq):,}"
         )
-        self._apply_parallelism_plan()
 
     def _checksums(self) -> dict[str, str]:
         sums = {"vq": base_state_checksum(self.vq)}
@@ -176,16 +186,13 @@ class DiffusionDecoderModule(LightningModule):
         return sums
 
     def _apply_parallelism_plan(self) -> None:
-        """Activation checkpointing of every DiT block, then FSDP2 (every block, then the denoiser as root)."""
-        dit = self.decoder.transformer
-        blocks = [*dit.context_refiner, *dit.noise_refiner, *dit.layers]
-        if self.hparams.activation_checkpointing:
-            enable_activation_checkpointing(blocks)
-        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
-            return
-        mesh = self.device_mesh["data_parallel"]
-        count = fully_shard_units(self.decoder.denoiser, blocks, mesh)
-        rank_zero_info(f"stage 3: FSDP2 over {mesh.size()} ranks, {count} DiT blocks + root")
+        """:func:`~lit_star.distributed.diffusion_decoder.parallelize_diffusion_decoder`, FSDP2 under
+        ``ModelParallelStrategy``."""
+        sharded = self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy)
+        mesh = self.device_mesh["data_parallel"] if sharded else None
+        count = parallelize_diffusion_decoder(self.decoder, self.hparams.activation_checkpointing, mesh)
+        if mesh is not None:
+            rank_zero_info(f"stage 3: FSDP2 over {mesh.size()} ranks, {count} DiT blocks + root")
 
     def train(self, mode: bool = True) -> DiffusionDecoderModule:
         super().train(mode)

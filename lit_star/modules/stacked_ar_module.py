@@ -54,9 +54,8 @@ from lit_star.distributed.plans import require_compile_toolchain
 from lit_star.distributed.stacked_ar import parallelize_stacked_ar
 from lit_star.models.ar_loss import DEFAULT_CHUNK_SIZE
 from lit_star.models.flavours import stack_flavour
-from lit_star.models.base_vlm import (
-    load_base_vlm,
-)
+from lit_star.models.base_vlm import load_base_vlm, load_processor
+from lit_star.models.edit_source import SourceImage, VitPixelLimits, encode_edit_source, tensor_to_image
 from lit_star.models.sequence_layout import (
     IGNORE_INDEX,
     SequenceBatch,
@@ -157,6 +156,10 @@ class StackedARModule(LightningModule):
         reasoning_suffix: what sampling appends to the base's answer in reasoning mode, recorded in the
             checkpoint: the phrase the training captions end with (the reference's for STAR data; ``""`` for
             the Shapes world, whose captions have none).
+        edit_vit_min_pixels / edit_vit_max_pixels / edit_min_image_side: the ViT input limits of an edit's
+            source image (edit batches train in stage 4, which lays them out through this module); ``None``:
+            the base processor's own. The reference's: 28*28*16, 28*28*576 and 28
+            (:mod:`lit_star.models.edit_source`).
     """
 
     def __init__(
@@ -187,8 +190,15 @@ class StackedARModule(LightningModule):
         log_images: int = 4,
         seed: int = 0,
         reasoning_suffix: str = REFERENCE_REASONING_SUFFIX,
+        edit_vit_min_pixels: int | None = None,
+        edit_vit_max_pixels: int | None = None,
+        edit_min_image_side: int | None = None,
     ) -> None:
         super().__init__()
+        try:
+            self.edit_vit_limits = VitPixelLimits(edit_vit_min_pixels, edit_vit_max_pixels, edit_min_image_side)
+        except ValueError as error:
+            raise ValueError(f"model.init_args.edit_vit_* / edit_min_image_side: {error}") from None
         if flavour is not None:
             spec = stack_flavour(flavour)
             num_stack_layers = spec.num_stack_layers if num_stack_layers is None else num_stack_layers
@@ -214,6 +224,7 @@ class StackedARModule(LightningModule):
         self.vq: VQModel | None = None
         self.frozen_checksums: dict[str, str] = {}
         self._layout: SequenceLayout | None = None
+        self._image_processor = None
         # Validation accumulators, reset at each validation epoch start.
         self._val_loss_sum: torch.Tensor | None = None
         self._val_unconditional_loss_sum: torch.Tensor | None = None
@@ -239,10 +250,21 @@ class StackedARModule(LightningModule):
         """
         if self.model is not None:
             return
+        self.build_model()
+        self._apply_parallelism_plan()
+
+    def build_model(self) -> None:
+        """:meth:`configure_model` without the parallelism plan (stage 4 applies one plan over both models).
+
+        A VQ already set on ``self.vq`` (stage 4 shares one between its models) is used instead of loading one.
+        """
+        if self.model is not None:
+            return
         hp = self.hparams
         empty = torch.get_default_device().type == "meta"
         base = _empty_base(hp.base_path, hp.base_dtype) if empty else load_base_vlm(hp.base_path, dtype=hp.base_dtype)
-        self.vq = _empty_vq(hp.vq_path, hp.vq_flavour) if empty else load_vq(hp.vq_path, hp.vq_flavour)
+        if self.vq is None:
+            self.vq = _empty_vq(hp.vq_path, hp.vq_flavour) if empty else load_vq(hp.vq_path, hp.vq_flavour)
         self.vq.requires_grad_(False).eval()
         if not empty:
             # Before anything can touch them: this is "what was loaded".
@@ -267,7 +289,6 @@ class StackedARModule(LightningModule):
             f"{_count(stacked_ar.stack):,}, adapter {_count(stacked_ar.adapter):,}, "
             f"pixel head {_count(stacked_ar.pixel_head):,}, frozen base {_count(base):,}"
         )
-        self._apply_parallelism_plan()
 
     def _apply_parallelism_plan(self) -> None:
         """:func:`~lit_star.distributed.stacked_ar.parallelize_stacked_ar`, FSDP2 under ``ModelParallelStrategy``."""
@@ -343,7 +364,41 @@ class StackedARModule(LightningModule):
         for caption, sample_key, sample_codes in zip(batch["caption"], batch["__key__"], codes.cpu()):
             drop = unconditional or (cfg_dropout and layout.draw_unconditional(self._sample_rng(sample_key)))
             samples.append(layout.text_to_image(caption, sample_codes, unconditional=drop))
-        pad = layout.special.pad
+        return self._collate(samples)
+
+    @property
+    def image_processor(self):
+        """The base's image processor (ViT inputs of edit sources), loaded on first use."""
+        if self._image_processor is None:
+            self._image_processor = load_processor(self.hparams.base_path).image_processor
+        return self._image_processor
+
+    def edit_sources(self, source_images: torch.Tensor, vq_size: int) -> list[SourceImage]:
+        """Both encodings of each source image (``B x 3 x H x W`` in [-1, 1]), exactly as the sampler encodes
+        an edit's source (:func:`~lit_star.models.edit_source.encode_edit_source`)."""
+        return [encode_edit_source(self.vq, self.image_processor, tensor_to_image(image), vq_size,
+                                   self.edit_vit_limits) for image in source_images]
+
+    def layout_edit_batch(
+        self, batch: Mapping[str, Any], target_codes: torch.Tensor, sources: Sequence[SourceImage], cfg_dropout: bool
+    ) -> SequenceBatch:
+        """Edit sequences (reference layout: source VQ codes and ViT features in the user turn, then the target
+        codes; loss on the target codes only), collated, on this device. CFG dropout as in the reference's edit
+        guidance: the unconditional row blanks the instruction and keeps both image encodings."""
+        for key in ("instruction", "__key__"):
+            if key not in batch:
+                raise KeyError(f"an edit batch needs {key!r}; got keys {sorted(batch)}")
+        layout = self.layout
+        samples = []
+        for instruction, sample_key, codes, source in zip(batch["instruction"], batch["__key__"], target_codes.cpu(),
+                                                          sources):
+            drop = cfg_dropout and layout.draw_unconditional(self._sample_rng(sample_key))
+            samples.append(layout.edit(instruction, source.codes, source.image_grid_thw, codes, source.pixel_values,
+                                       unconditional=drop))
+        return self._collate(samples)
+
+    def _collate(self, samples: list) -> SequenceBatch:
+        pad = self.layout.special.pad
         if self.hparams.packed_row_length is None:
             collated = collate_padded(samples, pad)
         else:

@@ -14,7 +14,7 @@ is a plain function, so a Lightning callback, the CLI and the eval all call the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,8 +23,10 @@ from PIL import Image
 # REFERENCE_REASONING_SUFFIX: what MM-MVR/STAR appends to the base's answer in reasoning mode (re-exported here;
 # a stack records its own, Star.reasoning_suffix).
 from lit_star.checkpoints import REFERENCE_REASONING_SUFFIX
-from lit_star.data.images import resize_center_crop, rgb_to_tensor, to_rgb
+from lit_star.data.images import to_rgb
 from lit_star.models.base_vlm import Qwen2_5_VLImageTextProcessor, generate_answers
+# SourceImage is re-exported: callers build edit prefixes from it.
+from lit_star.models.edit_source import SourceImage, VitPixelLimits, encode_edit_source  # noqa: F401
 from lit_star.models.sequence_layout import LayoutSample, SequenceLayout
 from lit_star.models.stacked_ar import StackedAR
 from lit_star.models.vq import VQModel
@@ -49,6 +51,8 @@ class Star:
     image_size: int | None
     # appended to the base's answer in reasoning mode when the caller gives none: the checkpoint's record
     reasoning_suffix: str = REFERENCE_REASONING_SUFFIX
+    # ViT pixel limits of an edit's source (the processor's own by default; a stage 4 checkpoint records its own)
+    edit_vit_limits: VitPixelLimits = field(default_factory=VitPixelLimits)
 
     def __post_init__(self) -> None:
         factor = self.vq.config.downsample_factor
@@ -131,25 +135,13 @@ def codes_to_images(vq: VQModel, codes: torch.Tensor) -> list[Image.Image]:
 # ------------------------------------------------------------------------------------------ editing
 
 
-@dataclass
-class SourceImage:
-    """A source image in both encodings the stack reads: VQ codes and the ViT's patches."""
-
-    codes: torch.Tensor  # h x w
-    pixel_values: torch.Tensor  # patches x patch_dim
-    image_grid_thw: torch.Tensor  # 1 x 3
-
-
 @torch.no_grad()
 def encode_source_image(star: Star, image: Image.Image) -> SourceImage:
-    """VQ codes of the image resized (shorter side) and centre-cropped to ``star.image_size`` like the
-    training data, and the base processor's ViT patches of the image as given (it does its own resizing)."""
-    image = to_rgb(image)
-    vq_input = rgb_to_tensor(resize_center_crop(image, star.image_size)).unsqueeze(0)
-    vq_device = star.vq.quantize.embedding.weight.device
-    codes = star.vq.encode_to_codes(vq_input.to(vq_device, star.vq.quantize.embedding.weight.dtype))[0].cpu()
-    vit = star.processor.image_processor(images=[np.asarray(image)], return_tensors="pt")
-    return SourceImage(codes=codes, pixel_values=vit["pixel_values"], image_grid_thw=vit["image_grid_thw"])
+    """Both encodings of an edit's source, exactly as training (stage 4) lays them out: VQ codes of a bilinear
+    stretch to ``star.image_size`` and the base processor's ViT patches under ``star.edit_vit_limits``
+    (:func:`lit_star.models.edit_source.encode_edit_source`)."""
+    return encode_edit_source(star.vq, star.processor.image_processor, to_rgb(image), star.image_size,
+                              star.edit_vit_limits)
 
 
 def edit_prefix(layout: SequenceLayout, sources: Sequence[SourceImage], instructions: Sequence[str], guided: bool) -> PrefixBatch:

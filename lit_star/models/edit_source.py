@@ -1,0 +1,110 @@
+"""The source image of an edit in both encodings the stack reads, prepared as the reference prepares it.
+
+One function for training (stage 4) and sampling (``lit_star.sampling.modes.encode_source_image``), so an
+edit sample's prefix is the same token for token in both.
+
+The reference (MM-MVR/STAR, NOTES section 2) prepares the source differently for its two encoders:
+
+* the VQ gets a bilinear *stretch* of the whole image to the square VQ resolution (``get_vq_transform``), not
+  a centre crop, so no part of the image the instruction may refer to is cut away;
+* the ViT gets the image at its own aspect ratio through Qwen2.5-VL's ``smart_resize`` with the reference's
+  pixel limits: at least 28*28*16 pixels, at most 28*28*576 for editing (28*28*1024 for generation and
+  understanding); images with a side under 28 px are first upscaled (``preprocess_image_with_min_size``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+# The reference's ViT pixel limits (Qwen2.5-VL's 14 px patches merged 2 x 2: one LLM token per 28 x 28 pixels).
+REFERENCE_VIT_MIN_PIXELS = 28 * 28 * 16
+REFERENCE_VIT_MAX_PIXELS_EDIT = 28 * 28 * 576
+REFERENCE_VIT_MAX_PIXELS = 28 * 28 * 1024  # generation and understanding
+REFERENCE_MIN_IMAGE_SIDE = 28
+
+
+@dataclass(frozen=True)
+class VitPixelLimits:
+    """Pixel limits of the ViT input (``None``: the processor's own) and the side under which images are
+    upscaled first (``None``: never)."""
+
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    min_side: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("min_pixels", "max_pixels", "min_side"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
+
+
+REFERENCE_EDIT_LIMITS = VitPixelLimits(REFERENCE_VIT_MIN_PIXELS, REFERENCE_VIT_MAX_PIXELS_EDIT, REFERENCE_MIN_IMAGE_SIDE)
+
+
+@dataclass
+class SourceImage:
+    """A source image in both encodings the stack reads: VQ codes and the ViT's patches."""
+
+    codes: torch.Tensor  # h x w
+    pixel_values: torch.Tensor  # patches x patch_dim
+    image_grid_thw: torch.Tensor  # 1 x 3
+
+
+def upscale_small_image(image: Image.Image, min_side: int) -> Image.Image:
+    """Upscale (bicubic, aspect kept) so that the shorter side is at least ``min_side``; larger images unchanged."""
+    width, height = image.size
+    if min(width, height) >= min_side:
+        return image
+    scale = min_side / min(width, height)
+    size = (max(min_side, round(width * scale)), max(min_side, round(height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def stretch_for_vq(image: torch.Tensor, size: int) -> torch.Tensor:
+    """``... x 3 x H x W`` in [-1, 1] -> a bilinear stretch to ``size x size`` (no crop), as the reference's VQ sees it."""
+    if tuple(image.shape[-2:]) == (size, size):
+        return image
+    batched = image if image.dim() == 4 else image.unsqueeze(0)
+    out = torch.nn.functional.interpolate(batched.float(), size=(size, size), mode="bilinear", align_corners=False)
+    return out if image.dim() == 4 else out[0]
+
+
+def vit_inputs(image_processor, image: Image.Image, limits: VitPixelLimits = VitPixelLimits()):
+    """``(pixel_values, image_grid_thw)`` of ``image`` for the base's ViT under ``limits``."""
+    if limits.min_side is not None:
+        image = upscale_small_image(image, limits.min_side)
+    kwargs = {}
+    if limits.min_pixels is not None or limits.max_pixels is not None:
+        size = image_processor.size
+        kwargs["size"] = {
+            "shortest_edge": limits.min_pixels if limits.min_pixels is not None else size.shortest_edge,
+            "longest_edge": limits.max_pixels if limits.max_pixels is not None else size.longest_edge,
+        }
+    out = image_processor(images=[np.asarray(image)], return_tensors="pt", **kwargs)
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+def tensor_to_image(image: torch.Tensor) -> Image.Image:
+    """``3 x H x W`` in [-1, 1] (the data layer's format) -> an RGB PIL image, rounding as ``images_to_uint8``."""
+    pixels = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
+
+
+@torch.no_grad()
+def encode_edit_source(vq, image_processor, image: Image.Image, vq_size: int,
+                       limits: VitPixelLimits = VitPixelLimits()) -> SourceImage:
+    """Both encodings of an edit's source ``image`` (RGB PIL): VQ codes of its bilinear stretch to ``vq_size``
+    and the ViT patches under ``limits``."""
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).float() / 127.5 - 1.0
+    weight = vq.quantize.embedding.weight
+    vq_input = stretch_for_vq(pixels, vq_size).unsqueeze(0).to(weight.device, weight.dtype)
+    codes = vq.encode_to_codes(vq_input)[0].cpu()
+    pixel_values, grid = vit_inputs(image_processor, image, limits)
+    return SourceImage(codes=codes, pixel_values=pixel_values, image_grid_thw=grid)
