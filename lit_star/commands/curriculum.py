@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from lit_star.thread_budget import GROW_AT_STEP_ENV, THREADS_FILE_ENV, write_thread_budget
@@ -113,6 +114,79 @@ def step_arguments(config: DictConfig, name: str) -> list[str]:
     return [*str(step.job).split(), "--config", str(config_path), *[str(a) for a in step.get("extra_args", [])]]
 
 
+# Free space a full Shapes run needs (its run directory holds ~300 MB), with room for checkpoints of tuned recipes.
+DEFAULT_MIN_FREE_GB = 2.0
+
+
+def _fit_option(argv: list[str], key: str):
+    """The value ``key`` (dotted, e.g. ``model.init_args.compile_layers``) takes in a ``fit`` step's
+    arguments: its ``--config`` files merged in order, then ``--key value`` / ``--key=value`` overrides, as
+    LightningCLI reads them (without building anything). None when nothing sets it. A config file that is
+    missing or is not YAML raises ``ValueError`` naming it."""
+    value = None
+    index = 0
+    while index < len(argv):
+        argument = argv[index]
+        name, _, inline = argument.partition("=")
+        given = inline if "=" in argument else (argv[index + 1] if index + 1 < len(argv) else None)
+        index += 1 if "=" in argument else 2
+        if name == "--config" and given is not None:
+            if not Path(given).is_file():
+                raise ValueError(f"config file {given} does not exist")
+            try:
+                found = OmegaConf.select(OmegaConf.load(given), key, default=None)
+            except Exception as error:  # yaml's and OmegaConf's parse errors share no base class
+                raise ValueError(f"config file {given} does not parse: {error}") from None
+            value = found if found is not None else value
+        elif name == f"--{key}" and given is not None:
+            value = yaml.safe_load(given)
+        elif not name.startswith("--"):
+            index -= 1  # a positional (the subcommand), not an option with a value
+    return value
+
+
+def preflight(config: DictConfig, steps: list[str], disk_usage=shutil.disk_usage,
+              require_compile_toolchain=None) -> None:
+    """Check, before any step runs, what the ``steps`` about to run will need, and stop at once naming the
+    fix: a writable run directory, ``min_free_gb`` (default :data:`DEFAULT_MIN_FREE_GB`) free on its disk,
+    every ``fit`` step's config files present and parseable, and a C++ compiler for any step that sets
+    ``model.init_args.compile_layers`` (otherwise it fails inside inductor, after stages 0 and 1 ran)."""
+    problems = []
+    run_dir = Path(config.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".preflight"
+        probe.write_text("ok\n")
+        probe.unlink()
+    except OSError as error:
+        problems.append(f"run directory {run_dir} is not writable ({error}); pass --run_dir with a writable folder")
+    else:
+        free_gb = disk_usage(run_dir).free / 1e9
+        need_gb = float(config.get("min_free_gb", DEFAULT_MIN_FREE_GB))
+        if free_gb < need_gb:
+            problems.append(f"only {free_gb:.1f} GB free under {run_dir}, the run needs {need_gb:g} GB; free some "
+                            "space or pass --run_dir on another disk")
+    for name in steps:
+        step = config.steps[name]
+        if "argv" not in step:
+            continue  # a job step's config is the mapping load_curriculum already parsed
+        argv = [str(a) for a in [*step.argv, *step.get("extra_args", [])]]
+        try:
+            compiled = _fit_option(argv, "model.init_args.compile_layers")
+        except ValueError as error:
+            problems.append(f"step {name!r}: {error}")
+            continue
+        if compiled:
+            if require_compile_toolchain is None:
+                from lit_star.distributed.plans import require_compile_toolchain
+            try:
+                require_compile_toolchain(f"step {name!r}: model.init_args.compile_layers")
+            except RuntimeError as error:
+                problems.append(str(error))
+    if problems:
+        raise RuntimeError("curriculum preflight failed, nothing was run:\n  " + "\n  ".join(problems))
+
+
 def step_dependencies(config: DictConfig, name: str) -> list[str]:
     """The steps ``name`` waits for: its ``after`` list, or else the step before it in the file."""
     step = config.steps[name]
@@ -121,6 +195,52 @@ def step_dependencies(config: DictConfig, name: str) -> list[str]:
     names = list(config.steps)
     index = names.index(name)
     return names[index - 1:index] if index else []
+
+
+def startable_steps(config: DictConfig, pending: list[str], running, free: int) -> list[str]:
+    """The pending steps to start now, given ``free`` threads: those whose ``after`` steps are neither
+    pending nor ``running``, in file order. File order is priority: a ready step that does not fit blocks the
+    later ones, so a long step is never starved by short ones behind it."""
+    total_threads = int(config.get("threads", os.cpu_count() or 1))
+    chosen: list[str] = []
+    for name in pending:
+        if any(d in pending or d in running for d in step_dependencies(config, name)):
+            continue
+        threads = int(config.steps[name].get("threads", total_threads))
+        if threads > free:
+            break
+        chosen.append(name)
+        free -= threads
+    return chosen
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def remaining_estimate(config: DictConfig, pending: list[str], running: dict[str, float]) -> str:
+    """"about N min left": the scheduler replayed on the recipe's recorded step times (``expected_seconds``,
+    step -> seconds), ``running`` mapping each running step to the seconds it has run (a step past its
+    recorded time is taken to end now). Steps with no recorded time count as 0 s, and are named."""
+    expected = config.get("expected_seconds") or {}
+    unknown = [n for n in [*running, *pending] if n not in expected]
+    total_threads = int(config.get("threads", os.cpu_count() or 1))
+    threads = {n: int(config.steps[n].get("threads", total_threads)) for n in [*running, *pending]}
+    ends = {n: max(0.0, float(expected.get(n, 0.0)) - ran) for n, ran in running.items()}
+    waiting, now = list(pending), 0.0
+    while waiting or ends:
+        free = total_threads - sum(threads[n] for n in ends)
+        for name in startable_steps(config, waiting, ends, free):
+            ends[name] = now + float(expected.get(name, 0.0))
+            waiting.remove(name)
+        if not ends:
+            break  # cannot happen for a loaded curriculum; guards the loop
+        now = min(ends.values())
+        ends = {n: end for n, end in ends.items() if end > now}
+    estimate = f"about {_minutes(now)} left (recorded step times)"
+    if not expected:
+        return "no estimate of the time left (the recipe records no expected_seconds)"
+    return estimate + (f"; no recorded time for {', '.join(unknown)}" if unknown else "")
 
 
 @dataclass
@@ -252,9 +372,6 @@ def run_curriculum(config: DictConfig, only: list[str] | None = None, log=_print
     A failed step lets the steps already running finish, starts no new one, then raises.
     """
     run_dir = Path(config.run_dir)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    timings_path = run_dir / "timings.json"
-    timings: dict[str, dict] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     base_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # The Shapes recipes read their world and run roots from ${oc.env:...}; one place sets them.
     base_env.update({str(k): str(v) for k, v in config.get("env", {}).items()})
@@ -275,21 +392,21 @@ def run_curriculum(config: DictConfig, only: list[str] | None = None, log=_print
         missing = [d for d in step_dependencies(config, name) if d not in pending and not finished(d)]
         if missing:
             raise RuntimeError(f"curriculum step {name!r} needs {missing}, which are neither done nor selected")
+    preflight(config, pending)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    timings_path = run_dir / "timings.json"
+    timings: dict[str, dict] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    run_started = time.time()
+    total_steps, steps_done = len(pending), 0
 
     running: dict[str, _Running] = {}
     failures: list[str] = []
     last_status = time.time()
     while pending or running:
         free = total_threads - sum(r.held for r in running.values())
-        # File order is priority: a ready step that does not fit blocks the later ones, so a long step
-        # is never starved by short ones behind it.
-        for name in list(pending) if not failures else []:
-            if not all(d not in pending and d not in running for d in step_dependencies(config, name)):
-                continue
+        for name in startable_steps(config, pending, running, free) if not failures else []:
             step = config.steps[name]
             threads = int(step.get("threads", total_threads))
-            if threads > free:
-                break
             argv = step_arguments(config, name)
             if step.get("resume_when") and Path(step.resume_when).exists():
                 argv += [str(a) for a in step.get("resume_args", [])]
@@ -311,7 +428,6 @@ def run_curriculum(config: DictConfig, only: list[str] | None = None, log=_print
                                      threads, threads, keeps_grant=grow_at_step is not None)
             last_status = time.time()
             pending.remove(name)
-            free -= threads
         if not running:
             break
         _grant_spare_threads(config, running, total_threads, log)
@@ -344,7 +460,11 @@ def run_curriculum(config: DictConfig, only: list[str] | None = None, log=_print
                 if run.keeps_grant:
                     timings[name]["grew_at_step"] = int(config.steps[name].grow_at_step)
             timings_path.write_text(json.dumps(timings, indent=2))
-            log(f"[curriculum] {name}: finished in {seconds:.0f} s")
+            steps_done += 1
+            elapsed = time.time() - run_started
+            log(f"[curriculum] {name}: finished in {seconds:.0f} s ({steps_done}/"
+                f"{total_steps} steps done); elapsed {_minutes(elapsed)}, "
+                + remaining_estimate(config, pending, {n: time.time() - r.started for n, r in running.items()}))
     if failures:
         raise RuntimeError("curriculum step(s) failed: " + "; ".join(failures))
     return timings

@@ -1,7 +1,9 @@
 """The whole curriculum, end to end, on a tiny world: every stage hands the next what it needs."""
 
 import json
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ from lit_star.commands.curriculum import (
     busy_seconds,
     critical_path,
     load_curriculum,
+    preflight,
+    remaining_estimate,
     run_curriculum,
     write_report,
 )
@@ -254,3 +258,62 @@ def test_report_tables_prompt_binding_by_grid_row(tmp_path):
     assert "| attribute | chance | all | grid row 0 | grid row 2 |" in report
     assert "| colour | 0.10 | 0.600 | 1.00 (2) | 0.33 (3) |" in report
     assert "| shape | 0.20 | 0.400 | 0.50 (2) | 0.33 (3) |" in report
+
+
+def _fit_curriculum(tmp_path, stage_yaml: str, extra_args=()) -> "OmegaConf":
+    (tmp_path / "stage.yaml").write_text(stage_yaml)
+    steps = {"train": {"argv": ["fit", "--config", str(tmp_path / "stage.yaml")], "extra_args": list(extra_args),
+                       "output": str(tmp_path / "out")}}
+    return OmegaConf.create({"run_dir": str(tmp_path / "run"), "threads": 1, "steps": steps})
+
+
+def _no_compiler(option):
+    raise RuntimeError(f"{option} needs a C++ compiler for torch.compile (TorchInductor), and none was found")
+
+
+def test_preflight_names_a_missing_compiler_only_for_a_step_that_compiles(tmp_path):
+    compiled = _fit_curriculum(tmp_path, "model:\n  init_args:\n    compile_layers: true\n")
+    with pytest.raises(RuntimeError, match="step 'train': model.init_args.compile_layers needs a C\\+\\+ compiler"):
+        preflight(compiled, ["train"], require_compile_toolchain=_no_compiler)
+    preflight(compiled, [], require_compile_toolchain=_no_compiler)  # done already: nothing to compile
+    overridden = _fit_curriculum(tmp_path, "model:\n  init_args:\n    compile_layers: true\n",
+                                 ["--model.init_args.compile_layers", "false"])
+    preflight(overridden, ["train"], require_compile_toolchain=_no_compiler)
+
+
+def test_preflight_finds_the_compiling_step_of_the_main_curriculum(tmp_path):
+    asked = []
+    preflight(load_curriculum([RECIPES[0]], run_dir=str(tmp_path)), list(load_curriculum([RECIPES[0]]).steps),
+              require_compile_toolchain=asked.append)
+    assert asked == ["step 'stage2_stacked_ar': model.init_args.compile_layers"]
+
+
+def test_preflight_names_a_missing_or_broken_config_file(tmp_path):
+    config = _fit_curriculum(tmp_path, "model: [unclosed\n")
+    with pytest.raises(RuntimeError, match="step 'train': config file .*stage.yaml does not parse"):
+        preflight(config, ["train"])
+    config.steps.train.argv = ["fit", "--config", str(tmp_path / "missing.yaml")]
+    with pytest.raises(RuntimeError, match="step 'train': config file .*missing.yaml does not exist"):
+        preflight(config, ["train"])
+
+
+def test_preflight_names_a_full_disk_and_an_unwritable_run_dir(tmp_path):
+    config = _fit_curriculum(tmp_path, "trainer: {}\n")
+    full = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**8, 10**8)  # 0.1 GB free
+    with pytest.raises(RuntimeError, match=r"only 0.1 GB free under .*run, the run needs 2 GB; .*--run_dir"):
+        preflight(config, ["train"], disk_usage=full)
+    config.min_free_gb = 0.05
+    preflight(config, ["train"], disk_usage=full)
+    (tmp_path / "a_file").write_text("")
+    config.run_dir = str(tmp_path / "a_file" / "run")
+    with pytest.raises(RuntimeError, match="run directory .*a_file/run is not writable"):
+        preflight(config, ["train"])
+
+
+def test_a_failed_preflight_stops_the_run_before_any_step(tmp_path):
+    config, command, out = _fake_curriculum(tmp_path)
+    config.min_free_gb = 10**9  # more than any disk has
+    started = time.time()
+    with pytest.raises(RuntimeError, match="curriculum preflight failed, nothing was run"):
+        run_curriculum(config, log=lambda *_: None, command=command)
+    assert time.time() - started < 1.0 and not any(out.iterdir())

@@ -29,8 +29,9 @@ ALLOWED = {
     # Sweep expansion, launching and collection: fit arguments are checked with the training CLI's parser.
     "sweeps": {"training", "thread_budget"},
     "benchmarks": {"models", "checkpoints", "data", "worlds", "sampling", "distributed", "modules"},
+    # distributed: the curriculum's preflight checks the compile toolchain a fit step will need.
     "commands": {"models", "checkpoints", "data", "worlds", "sampling", "eval", "modules", "benchmarks",
-                 "thread_budget", "training", "sweeps"},
+                 "thread_budget", "training", "sweeps", "distributed"},
     "cli": {"training", "commands"},
     "__main__": {"cli"},
     "__init__": set(),
