@@ -29,7 +29,7 @@ def test_curriculum_config_resolves_and_names_missing_keys(tmp_path):
     config = load_curriculum(RECIPES, run_dir=str(tmp_path))
     assert list(config.steps) == ["world", "stage0_base", "stage1_vq", "tokenize", "understanding_before",
                                   "stage2_stacked_ar", "shapes_eval_seen_and_riddles", "shapes_eval",
-                                  "understanding_after", "binding"]
+                                  "understanding_after", "vq_eval", "binding"]
     assert config.env.SHAPES_WORLD == f"{tmp_path}/world"
     broken = tmp_path / "broken.yaml"
     broken.write_text("run_dir: x\nsteps:\n  world:\n    argv: [data, shapes]\n")
@@ -258,6 +258,45 @@ def test_report_tables_prompt_binding_by_grid_row(tmp_path):
     assert "| attribute | chance | all | grid row 0 | grid row 2 |" in report
     assert "| colour | 0.10 | 0.600 | 1.00 (2) | 0.33 (3) |" in report
     assert "| shape | 0.20 | 0.400 | 0.50 (2) | 0.33 (3) |" in report
+
+
+def test_report_opens_with_the_claims_table_and_reports_the_vq_and_stage2_loss(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    answers = ["yes", "red"]
+    for name in ("before", "after"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({
+            "answers": answers, "vqa_accuracy": 0.9, "riddle_accuracy": 0.5, "vqa_accuracy_by_type": {"count": 0.9}}))
+    scores = {"overall": 0.5, "overall_standard_error": 0.05, "categories": {"single_object": 0.9, "colors": 0.1}}
+    (tmp_path / "shapes.json").write_text(json.dumps({
+        "sampler": {}, "geneval_seen": scores, "geneval": {**scores, "overall": 0.2},
+        "knowledge_seen_with_reasoning": {"overall": 0.6, "categories": {}},
+        "knowledge_seen_without_reasoning": {"overall": 0.15, "categories": {}}}))
+    (tmp_path / "vq.json").write_text(json.dumps({
+        "target": 0.98, "lowest_category": 0.36, "meets_target": False, "psnr": 30.5, "utilisation": 0.5,
+        "perplexity": 300.0, "sets": {"geneval": {"overall": 0.4, "categories": {"colors": 0.36, "counting": 0.44}}}}))
+    writer = SummaryWriter(str(tmp_path / "stage2" / "tensorboard"))
+    for step, (loss, unconditional) in enumerate([(3.0, 3.5), (2.0, 2.75)]):
+        writer.add_scalar("val/loss", loss, step)
+        writer.add_scalar("val/loss_unconditional", unconditional, step)
+        writer.add_scalar("val/prompt_gain", unconditional - loss, step)
+    writer.close()
+    report = {"understanding_before": str(tmp_path / "before.json"), "understanding_after": str(tmp_path / "after.json"),
+              "shapes_eval": str(tmp_path / "shapes.json"), "vq": str(tmp_path / "vq.json"),
+              "stage2_run": str(tmp_path / "stage2")}
+    text = write_report(OmegaConf.create({"run_dir": str(tmp_path), "report": report}), {}).read_text()
+    claims = text.index("## What STAR claims, what this run measured")
+    assert claims < text.index("## Wall time per step")
+    assert "every answer identical: **True** (2 answers; VQA 0.900 → 0.900)" in text
+    assert "seen pairs overall 0.500 ± 0.050; single object 0.900" in text
+    assert "held-out pairs overall 0.200 ± 0.050" in text
+    assert "seen-pair riddles 0.600 with reasoning, 0.150 without (4.0x)" in text
+    assert "lowest **0.360**, target not met" in text and "PSNR 30.50 dB" in text
+    assert "| colors | 0.360 |" in text
+    assert "| 2.0000 | 2.7500 | 0.7500 |" in text  # the last validation, not the first
+    (tmp_path / "empty").mkdir()
+    missing = write_report(OmegaConf.create({"run_dir": str(tmp_path / "empty"), "report": {}}), {}).read_text()
+    assert missing.count("not measured") == 4 and "## VQ" not in missing and "## Stage 2 validation loss" not in missing
 
 
 def _fit_curriculum(tmp_path, stage_yaml: str, extra_args=()) -> "OmegaConf":

@@ -109,6 +109,9 @@ def test_vq_reconstructions_are_scored_with_psnr_and_usage_beside(dirs, tmp_path
     assert "PSNR" in capsys.readouterr().out
     result = json.loads((tmp_path / "vq_results.json").read_text())
     assert rc == (0 if result["meets_target"] else 1)
+    assert not result["meets_target"]  # untrained: the gate below must be the flag's doing
+    assert cli(["eval", "shapes", "--vq", str(vq), "--world", str(world), "--per_category", "1",
+                "--fail_below_target", "false"]) == 0  # the curriculum's report step: scores only
     assert set(result["sets"]) == {"geneval", "geneval_seen", "knowledge", "edit"}
     assert sum(result["sets"]["geneval"]["counts"].values()) == 6 and len(result["sets"]["knowledge"]["counts"]) == 4
     assert 0.0 <= result["lowest_category"] <= 1.0 and result["meets_target"] == (result["lowest_category"] >= 0.98)
