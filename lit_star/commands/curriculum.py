@@ -706,10 +706,17 @@ def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
         if "seen_riddle_answer_accuracy" in shapes:
             lines += ["", f"The base answered {shapes['seen_riddle_answer_accuracy']:.3f} of the seen-pair riddles "
                           "with the right caption."]
+        from lit_star.eval.shapes import GRID_COLUMNS, grid_prompts_path  # torch: not before preflight
+
         lines += ["", "## Sample grids", ""]
         for grid in shapes.get("grids", []):
             relative = os.path.relpath(grid, run_dir)
             lines.append(f"**{Path(grid).stem}**  \n![{Path(grid).stem}]({relative})\n")
+            prompts = grid_prompts_path(grid)
+            if prompts.is_file():
+                tiles = prompts.read_text(encoding="utf-8").splitlines()
+                lines.append(f"Tiles row by row, {GRID_COLUMNS} per row: "
+                             + "; ".join(f"{i} {prompt}" for i, prompt in enumerate(tiles, 1)) + "\n")
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

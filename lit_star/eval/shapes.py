@@ -72,7 +72,14 @@ def tile_images(images: Sequence[Image.Image], columns: int = GRID_COLUMNS) -> I
     return canvas
 
 
+def grid_prompts_path(grid: str | Path) -> Path:
+    """The text file beside a grid that lists its tiles' prompts, one per line, row by row."""
+    return Path(grid).with_suffix(".prompts.txt")
+
+
 def write_category_grids(records: Sequence[dict], image_dir: Path, grid_dir: Path, set_name: str) -> list[str]:
+    """One grid per category (the first GRID_MAX_IMAGES images, GRID_COLUMNS per row) and, beside it, the
+    prompt (or edit instruction) of every tile; returns the grids' paths."""
     by_category: dict[str, list[dict]] = defaultdict(list)
     for record in records:
         by_category[record.get("category", "all")].append(record)
@@ -82,6 +89,8 @@ def write_category_grids(records: Sequence[dict], image_dir: Path, grid_dir: Pat
         images = [Image.open(image_dir / f"{r['id']}.png") for r in members[:GRID_MAX_IMAGES]]
         path = grid_dir / f"{set_name}_{category}.png"
         tile_images(images).save(path)
+        prompts = [r.get("prompt") or r.get("instruction") or r["id"] for r in members[:GRID_MAX_IMAGES]]
+        grid_prompts_path(path).write_text("\n".join(prompts) + "\n", encoding="utf-8")
         written.append(str(path))
     return written
 

@@ -28,16 +28,22 @@ def test_smoke_curriculum_runs_end_to_end_and_resumes(smoke_curriculum):
     before = json.loads((run / "eval/understanding_before.json").read_text())
     after = json.loads((run / "eval/understanding_after.json").read_text())
     assert before["answers"] and before["answers"] == after["answers"], "stage 2 changed the base's answers"
-    results = json.loads((run / "eval/shapes/results.json").read_text())
-    assert set(results["geneval"]["categories"]) == {"single_object", "two_objects", "counting", "colors",
-                                                     "position", "color_attr"}
-    rest = json.loads((run / "eval/shapes_seen_and_riddles/results.json").read_text())
-    assert {"knowledge_without_reasoning", "knowledge_with_reasoning", "geneval_seen"} <= set(rest)
-    assert "geneval" not in rest and "geneval_seen" not in results, "the two processes split the sets"
-    assert rest["reasoning_suffix"] == "" == results["reasoning_suffix"], "the Shapes recipe records no suffix"
-    assert {"knowledge_seen_without_reasoning", "knowledge_seen_with_reasoning"} <= set(results)
+    held_out = json.loads((run / "eval/shapes_held_out/results.json").read_text())
+    assert set(held_out["geneval"]["categories"]) == {"single_object", "two_objects", "counting", "colors",
+                                                      "position", "color_attr"}
+    assert {"knowledge_without_reasoning", "knowledge_with_reasoning"} <= set(held_out)
+    seen = json.loads((run / "eval/shapes_seen/results.json").read_text())
+    assert {"geneval_seen", "knowledge_seen_without_reasoning", "knowledge_seen_with_reasoning"} <= set(seen)
+    assert "geneval" not in seen and "geneval_seen" not in held_out, "the two processes split the sets"
+    assert "knowledge_without_reasoning" not in seen and "knowledge_seen_with_reasoning" not in held_out
+    assert seen["reasoning_suffix"] == "" == held_out["reasoning_suffix"], "the Shapes recipe records no suffix"
+    vq = json.loads((run / "eval/vq/vq_results.json").read_text())
+    assert set(vq["sets"]) == {"geneval", "geneval_seen", "knowledge", "edit"} and vq["psnr"] > 0
     report = (run / "report.md").read_text()
     assert "Every answer identical: **True**" in report and "| stage2_stacked_ar |" in report
+    assert report.index("## What STAR claims") < report.index("## Wall time per step")
+    assert "## VQ (stage 1)" in report and "## Stage 2 validation loss" in report
+    assert "Tiles row by row, 8 per row: 1 " in report
     assert f"Scene descriptions ({before['descriptions']['descriptions']}), per object in reading order" in report
     assert ("| held-out pairs | seen pairs | riddles, no reasoning | riddles, reasoning "
             "| seen-pair riddles, no reasoning | seen-pair riddles, reasoning |") in report
@@ -46,8 +52,8 @@ def test_smoke_curriculum_runs_end_to_end_and_resumes(smoke_curriculum):
     assert "of the seen-pair riddles with the right caption" in report
     binding = json.loads((run / "eval/binding.json").read_text())
     assert binding["images"] >= 1 and f"| colour | 0.10 | {binding['colour']:.3f} |" in report
-    assert all(Path(grid).is_file() for grid in results["grids"] + rest["grids"])
-    assert all(f"![{Path(grid).stem}]" in report for grid in results["grids"] + rest["grids"])
+    assert all(Path(grid).is_file() for grid in held_out["grids"] + seen["grids"])
+    assert all(f"![{Path(grid).stem}]" in report for grid in held_out["grids"] + seen["grids"])
 
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -28,7 +28,7 @@ RECIPES = [str(REPO / "recipes/shapes/curriculum.yaml"), str(REPO / "recipes/sha
 def test_curriculum_config_resolves_and_names_missing_keys(tmp_path):
     config = load_curriculum(RECIPES, run_dir=str(tmp_path))
     assert list(config.steps) == ["world", "stage0_base", "stage1_vq", "tokenize", "understanding_before",
-                                  "stage2_stacked_ar", "shapes_eval_seen_and_riddles", "shapes_eval",
+                                  "stage2_stacked_ar", "shapes_eval_seen", "shapes_eval_held_out",
                                   "understanding_after", "vq_eval", "binding"]
     assert config.env.SHAPES_WORLD == f"{tmp_path}/world"
     broken = tmp_path / "broken.yaml"
@@ -268,8 +268,11 @@ def test_report_opens_with_the_claims_table_and_reports_the_vq_and_stage2_loss(t
         (tmp_path / f"{name}.json").write_text(json.dumps({
             "answers": answers, "vqa_accuracy": 0.9, "riddle_accuracy": 0.5, "vqa_accuracy_by_type": {"count": 0.9}}))
     scores = {"overall": 0.5, "overall_standard_error": 0.05, "categories": {"single_object": 0.9, "colors": 0.1}}
+    grid = tmp_path / "grids" / "geneval_seen_colors.png"
+    grid.parent.mkdir()
+    grid.with_suffix(".prompts.txt").write_text("a red star\na blue circle\n")
     (tmp_path / "shapes.json").write_text(json.dumps({
-        "sampler": {}, "geneval_seen": scores, "geneval": {**scores, "overall": 0.2},
+        "sampler": {}, "grids": [str(grid)], "geneval_seen": scores, "geneval": {**scores, "overall": 0.2},
         "knowledge_seen_with_reasoning": {"overall": 0.6, "categories": {}},
         "knowledge_seen_without_reasoning": {"overall": 0.15, "categories": {}}}))
     (tmp_path / "vq.json").write_text(json.dumps({
@@ -294,6 +297,8 @@ def test_report_opens_with_the_claims_table_and_reports_the_vq_and_stage2_loss(t
     assert "lowest **0.360**, target not met" in text and "PSNR 30.50 dB" in text
     assert "| colors | 0.360 |" in text
     assert "| 2.0000 | 2.7500 | 0.7500 |" in text  # the last validation, not the first
+    assert "![geneval_seen_colors](grids/geneval_seen_colors.png)" in text
+    assert "Tiles row by row, 8 per row: 1 a red star; 2 a blue circle" in text
     (tmp_path / "empty").mkdir()
     missing = write_report(OmegaConf.create({"run_dir": str(tmp_path / "empty"), "report": {}}), {}).read_text()
     assert missing.count("not measured") == 4 and "## VQ" not in missing and "## Stage 2 validation loss" not in missing

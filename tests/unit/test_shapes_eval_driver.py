@@ -13,7 +13,7 @@ import torch
 
 from lit_star.checkpoints import REFERENCE_REASONING_SUFFIX, load_vq
 from lit_star.cli import main as cli
-from lit_star.eval.shapes import evaluate_on_shapes, format_headline
+from lit_star.eval.shapes import evaluate_on_shapes, format_headline, grid_prompts_path
 from lit_star.eval.vq_shapes import vq_reconstruction_eval
 from lit_star.sampling.filtering import SamplerConfig
 from lit_star.sampling.loading import load_star
@@ -84,6 +84,11 @@ def test_seen_and_held_out_are_scored_side_by_side_with_the_recorded_suffix(dirs
     assert format_headline(results["headline"]).startswith("ShapesEval: seen ")
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["headline"] == results["headline"]
+    # every grid is labelled: its tiles' prompts, row by row, in a file beside it
+    records = [json.loads(line) for line in (world / "eval/geneval_seen.jsonl").read_text().splitlines()]
+    first = next(r for r in records if r["category"] == "colors")
+    assert grid_prompts_path(tmp_path / "grids/geneval_seen_colors.png").read_text().splitlines() == [first["prompt"]]
+    assert all(grid_prompts_path(grid).is_file() for grid in results["grids"])
 
 
 def test_a_world_without_the_seen_set_is_named(dirs, tmp_path, capsys):
