@@ -146,12 +146,19 @@ def _fit_option(argv: list[str], key: str):
     return value
 
 
+def _cuda_available() -> bool:
+    import torch  # only for a step that asks for a GPU: the driver itself starts without torch
+
+    return torch.cuda.is_available()
+
+
 def preflight(config: DictConfig, steps: list[str], disk_usage=shutil.disk_usage,
-              require_compile_toolchain=None) -> None:
+              require_compile_toolchain=None, gpu_available=_cuda_available) -> None:
     """Check, before any step runs, what the ``steps`` about to run will need, and stop at once naming the
     fix: a writable run directory, ``min_free_gb`` (default :data:`DEFAULT_MIN_FREE_GB`) free on its disk,
-    every ``fit`` step's config files present and parseable, and a C++ compiler for any step that sets
-    ``model.init_args.compile_layers`` (otherwise it fails inside inductor, after stages 0 and 1 ran)."""
+    every ``fit`` step's config files present and parseable, a C++ compiler for any step that sets
+    ``model.init_args.compile_layers`` (otherwise it fails inside inductor, after stages 0 and 1 ran), and a
+    GPU for any step whose trainer asks for one."""
     problems = []
     run_dir = Path(config.run_dir)
     try:
@@ -174,9 +181,13 @@ def preflight(config: DictConfig, steps: list[str], disk_usage=shutil.disk_usage
         argv = [str(a) for a in [*step.argv, *step.get("extra_args", [])]]
         try:
             compiled = _fit_option(argv, "model.init_args.compile_layers")
+            accelerator = _fit_option(argv, "trainer.accelerator")
         except ValueError as error:
             problems.append(f"step {name!r}: {error}")
             continue
+        if accelerator in ("gpu", "cuda") and not gpu_available():
+            problems.append(f"step {name!r}: trainer.accelerator is {accelerator!r} but torch sees no CUDA device; "
+                            "run on a GPU machine, or drop the GPU overlay (trainer_recipe: recipes/trainer/cpu.yaml)")
         if compiled:
             if require_compile_toolchain is None:
                 from lit_star.distributed.plans import require_compile_toolchain

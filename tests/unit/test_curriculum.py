@@ -332,6 +332,25 @@ def test_preflight_finds_the_compiling_step_of_the_main_curriculum(tmp_path):
     assert asked == ["step 'stage2_stacked_ar': model.init_args.compile_layers"]
 
 
+def test_the_gpu_variant_swaps_the_trainer_of_every_fit_step_and_preflight_asks_for_a_gpu(tmp_path):
+    gpu = load_curriculum([RECIPES[0], str(REPO / "recipes/shapes/curriculum_gpu.yaml")], run_dir=str(tmp_path))
+    cpu = load_curriculum([RECIPES[0]], run_dir=str(tmp_path))
+    fit_steps = [name for name, step in cpu.steps.items() if "argv" in step]
+    assert fit_steps == ["stage0_base", "stage1_vq", "stage2_stacked_ar"]
+    for name in fit_steps:
+        assert list(gpu.steps[name].argv) == [a.replace("cpu.yaml", "gpu.yaml") for a in cpu.steps[name].argv]
+    assert gpu.steps.world.config.world.t2i_train == 4 * 6000 and gpu.steps.world.config.out == f"{tmp_path}/world"
+    assert gpu.steps.stage1_vq.extra_args[:2] == ["--trainer.max_steps", "3400"]
+    assert gpu.steps.stage2_stacked_ar.extra_args[:2] == ["--trainer.max_steps", "5600"]
+    assert gpu.get("expected_seconds") is None and gpu.steps.stage1_vq.get("grow_at_step") is None
+    compilers = []
+    with pytest.raises(RuntimeError, match="step 'stage0_base': trainer.accelerator is 'gpu' but torch sees no "
+                                           "CUDA device; .*trainer_recipe: recipes/trainer/cpu.yaml"):
+        preflight(gpu, fit_steps, require_compile_toolchain=compilers.append, gpu_available=lambda: False)
+    preflight(gpu, fit_steps, require_compile_toolchain=compilers.append, gpu_available=lambda: True)
+    preflight(cpu, fit_steps, require_compile_toolchain=compilers.append, gpu_available=lambda: False)
+
+
 def test_preflight_names_a_missing_or_broken_config_file(tmp_path):
     config = _fit_curriculum(tmp_path, "model: [unclosed\n")
     with pytest.raises(RuntimeError, match="step 'train': config file .*stage.yaml does not parse"):
