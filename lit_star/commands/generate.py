@@ -39,6 +39,7 @@ from lit_star.sampling.generations import (
     write_generations,
 )
 from lit_star.sampling.modes import (
+    REFERENCE_MAX_ANSWER_TOKENS,
     Star,
     answer_questions,
     codes_to_images,
@@ -67,7 +68,7 @@ def generate(
     batch_size: int = 8,
     reasoning: bool = False,
     reasoning_suffix: str | None = None,
-    max_answer_tokens: int = 64,
+    max_answer_tokens: int = REFERENCE_MAX_ANSWER_TOKENS,
     decoder: PixelDecoder = PixelDecoder(),
 ) -> int:
     """Text-to-image with a stage 2 checkpoint, optionally with implicit reasoning.
@@ -85,7 +86,7 @@ def generate(
         reasoning: the base answers the prompt first; its answer is drawn.
         reasoning_suffix: appended to the base's answer (default: the checkpoint's recorded one; the reference's
             quality phrase for imported STAR weights and checkpoints that record none).
-        max_answer_tokens: the base's answer budget with ``reasoning``.
+        max_answer_tokens: the base's answer budget with ``reasoning`` (the reference's 256 new tokens).
         decoder: which decoder turns the codes into pixels (the VQ's, or stage 3's diffusion decoder).
     """
     try:

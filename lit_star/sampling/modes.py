@@ -33,6 +33,9 @@ from lit_star.models.vq import VQModel
 from lit_star.sampling.decoding import DecodeOptions, PrefixBatch, collate_prefixes, decode_image_codes
 from lit_star.sampling.filtering import SamplerConfig, make_generators
 
+# The base's answer budget in reasoning mode: MM-MVR/STAR lets it answer with up to 256 new tokens (NOTES section 2);
+# the one default of every reasoning entry point (reason_then_generate, write_generations, generate --reasoning).
+REFERENCE_MAX_ANSWER_TOKENS = 256
 
 
 @dataclass
@@ -215,7 +218,7 @@ def reason_then_generate(
     seeds: Sequence[int] | None = None,
     options: DecodeOptions = DecodeOptions(),
     suffix: str = REFERENCE_REASONING_SUFFIX,
-    max_answer_tokens: int = 64,
+    max_answer_tokens: int = REFERENCE_MAX_ANSWER_TOKENS,
     progress: Callable[[int], None] | None = None,
 ) -> ReasonedGeneration:
     """Implicit reasoning: the base answers each prompt greedily, and ``answer + suffix`` replaces the
