@@ -158,8 +158,8 @@ class StackedARModule(LightningModule):
             the Shapes world, whose captions have none).
         edit_vit_min_pixels / edit_vit_max_pixels / edit_min_image_side: the ViT input limits of an edit's
             source image (edit batches train in stage 4, which lays them out through this module); ``None``:
-            the base processor's own. The reference's: 28*28*16, 28*28*576 and 28
-            (:mod:`lit_star.models.edit_source`).
+            the base's default, which for a Qwen2.5-VL base is the reference's 28*28*16, 28*28*576 and 28, and
+            for another geometry the processor's own (:func:`lit_star.models.edit_source.default_vit_limits`).
     """
 
     def __init__(

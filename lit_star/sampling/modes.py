@@ -54,7 +54,8 @@ class Star:
     image_size: int | None
     # appended to the base's answer in reasoning mode when the caller gives none: the checkpoint's record
     reasoning_suffix: str = REFERENCE_REASONING_SUFFIX
-    # ViT pixel limits of an edit's source (the processor's own by default; a stage 4 checkpoint records its own)
+    # ViT pixel limits of an edit's source; unset fields: the base's default (the reference's for a Qwen2.5-VL base,
+    # lit_star.models.edit_source.default_vit_limits), as in training
     edit_vit_limits: VitPixelLimits = field(default_factory=VitPixelLimits)
 
     def __post_init__(self) -> None:
