@@ -196,16 +196,13 @@ def edit(
 
 
 def _diffusion_edit(stage3, star: Star, source, instruction: str, seeds, codes):
-    """The stage 3 decoder's edit: the source encoded at the output size, the stack's codes as the VQ pass."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
+    """The stage 3 decoder's edit: the source stretched to the output size (as in training and the reference's
+    get_full_transform), the stack's codes as the VQ pass."""
+    from lit_star.data.images import to_rgb
+    from lit_star.models.edit_source import image_to_tensor, stretch_to_square
     from lit_star.sampling.diffusion import edit_with_diffusion, to_pil
 
-    size = stage3.size
-    pixels = np.asarray(source.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32)
-    tensor = torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
+    tensor = image_to_tensor(stretch_to_square(to_rgb(source), stage3.size))
     images = edit_with_diffusion(stage3.decoder, stage3.scheduler, tensor[None].expand(len(seeds), -1, -1, -1),
                                  [instruction] * len(seeds), list(seeds), vq=star.vq, codes=codes,
                                  settings=stage3.settings)

@@ -373,9 +373,10 @@ class StackedARModule(LightningModule):
             self._image_processor = load_processor(self.hparams.base_path).image_processor
         return self._image_processor
 
-    def edit_sources(self, source_images: torch.Tensor, vq_size: int) -> list[SourceImage]:
-        """Both encodings of each source image (``B x 3 x H x W`` in [-1, 1]), exactly as the sampler encodes
-        an edit's source (:func:`~lit_star.models.edit_source.encode_edit_source`)."""
+    def edit_sources(self, source_images: torch.Tensor | Sequence[torch.Tensor], vq_size: int) -> list[SourceImage]:
+        """Both encodings of each source image (``3 x H x W`` in [-1, 1], any size: ``EditDataModule`` keeps the
+        stored one), exactly as the sampler encodes an edit's source
+        (:func:`~lit_star.models.edit_source.encode_edit_source`: stretch for the VQ, own aspect for the ViT)."""
         return [encode_edit_source(self.vq, self.image_processor, tensor_to_image(image), vq_size,
                                    self.edit_vit_limits) for image in source_images]
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import inspect
+import io
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+import webdataset as wds
+from PIL import Image, ImageOps
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from lit_star.commands.generate import generate
-from lit_star.models.base_vlm import Qwen2_5_VLImageTextProcessor, build_image_processor, encode_chat
+from lit_star.data import EditDataModule
+from lit_star.models.base_vlm import Qwen2_5_VLImageTextProcessor, build_image_processor, encode_chat, load_processor
 from lit_star.models.edit_source import (
     REFERENCE_EDIT_LIMITS,
     REFERENCE_GENERATION_LIMITS,
@@ -19,12 +22,22 @@ from lit_star.models.edit_source import (
     default_vit_limits,
     merged_patch,
     resolve_vit_limits,
+    stretch_images,
     vit_call_args,
     vit_inputs,
 )
+from lit_star.models.sequence_layout import IGNORE_INDEX
 from lit_star.models.tokenizer import train_qwen2_tokenizer
+from lit_star.modules.stacked_ar_module import StackedARModule
 from lit_star.sampling.generations import write_generations
-from lit_star.sampling.modes import REFERENCE_MAX_ANSWER_TOKENS, reason_then_generate
+from lit_star.sampling.modes import (
+    REFERENCE_MAX_ANSWER_TOKENS,
+    Star,
+    edit_prefix,
+    encode_source_image,
+    reason_then_generate,
+)
+from tests.stage2_fixtures import write_micro_base, write_small_vq
 
 
 def test_reasoning_answer_budget_is_the_references_256_tokens_everywhere():
@@ -80,9 +93,9 @@ def test_images_under_28_px_are_upscaled_then_raised_to_the_minimum(qwen_process
     image_processor = qwen_processor.image_processor
     ours = image_processor(images=arrays, return_tensors="pt", **kwargs)
     assert _pixels(ours["image_grid_thw"]) >= 28 * 28 * 16
-    # Independently: the reference upscales the image so its short side is 28 px (aspect kept) before the
-    # processor resizes it within [28*28*16, cap]; without that first step the pixels would differ.
-    upscaled = np.asarray(Image.fromarray(tiny).resize((56, 28), Image.Resampling.BICUBIC))
+    # Independently: the reference (preprocess_image_with_min_size) upscales with Lanczos so that the short side
+    # is 28 px, aspect kept, before the processor resizes within [28*28*16, cap]; skipping it changes the pixels.
+    upscaled = np.asarray(Image.fromarray(tiny).resize((56, 28), Image.Resampling.LANCZOS))
     cap = 28 * 28 * (576 if edit else 1024)
     expected = image_processor(images=[upscaled], return_tensors="pt",
                                size={"shortest_edge": 28 * 28 * 16, "longest_edge": cap})
@@ -115,3 +128,123 @@ def test_given_limits_override_the_default_field_by_field(qwen_processor):
     assert resolved == VitPixelLimits(28 * 28 * 16, 28 * 28 * 64, 28)
     with pytest.raises(ValueError, match="min_pixels"):
         resolve_vit_limits(image_processor, VitPixelLimits(max_pixels=28 * 28 * 4), edit=True)
+
+
+# ---- edit sources: the data layer -> StackedARModule path equals the sampler's ------------------------------
+
+VQ_SIZE = 32  # the small VQ's input side (4x downsampling: 8 x 8 codes)
+# A non-square source, and one under 28 px (and under the micro base's 16 px token), both at their stored size.
+SOURCE_SIZES = {"wide": (50, 30), "small": (12, 20)}
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _source(name: str) -> Image.Image:
+    width, height = SOURCE_SIZES[name]
+    return Image.fromarray(_photo(height, width, seed=len(name)))
+
+
+@pytest.fixture(scope="module")
+def frozen_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("edit_source")
+    return write_micro_base(root / "base"), write_small_vq(root / "vq")
+
+
+@pytest.fixture(scope="module")
+def edit_batch(tmp_path_factory):
+    """A batch of the two sources as EditDataModule delivers it (decoded from PNG members of a shard)."""
+    shard = tmp_path_factory.mktemp("edit_shard") / "edit.tar"
+    with wds.TarWriter(str(shard)) as writer:
+        for name in SOURCE_SIZES:
+            writer.write({"__key__": name, "source.png": _png(_source(name)),
+                          "target.png": _png(Image.fromarray(_photo(VQ_SIZE, VQ_SIZE, seed=9))),
+                          "txt": f"make the {name} one red".encode(), "json": b"{}"})
+    return next(iter(EditDataModule(train_shards=str(shard), resolution=VQ_SIZE, batch_size=2,
+                                    shuffle_buffer=0).train_dataloader()))
+
+
+def _module(frozen_dirs, limits: VitPixelLimits) -> StackedARModule:
+    base, vq = frozen_dirs
+    module = StackedARModule(base_path=str(base), vq_path=str(vq), num_stack_layers=1, adapter_depth=2,
+                             loss_chunk_size=48, log_images=0,
+                             edit_vit_min_pixels=limits.min_pixels, edit_vit_max_pixels=limits.max_pixels,
+                             edit_min_image_side=limits.min_side)
+    module.configure_model()
+    return module
+
+
+def _code_grid(code_mask: torch.Tensor, code_ids: torch.Tensor) -> torch.Tensor:
+    """The code id at each position (-1 where the input is not a code)."""
+    grid = torch.full(code_mask.shape, -1, dtype=torch.long)
+    grid[code_mask] = code_ids.cpu()
+    return grid
+
+
+@pytest.mark.parametrize("unconditional", [False, True], ids=["conditional", "unconditional"])
+@pytest.mark.parametrize("limits", [VitPixelLimits(), REFERENCE_EDIT_LIMITS], ids=["base_default", "reference"])
+def test_training_edit_sequence_starts_with_the_samplers_edit_prefix(frozen_dirs, edit_batch, limits, unconditional,
+                                                                    monkeypatch):
+    ar = _module(frozen_dirs, limits)
+    # the CFG-dropout draw, decided: every training row conditional, or every one the unconditional (CFG) row
+    monkeypatch.setattr(ar.layout, "draw_unconditional", lambda rng: unconditional)
+    keys = list(edit_batch["__key__"])
+    # training: the data layer's batch through the module (what UnifiedTuneModule.losses runs)
+    target = ar.vq.encode_to_codes(edit_batch["target_image"])
+    sources = ar.edit_sources(edit_batch["source_image"], vq_size=VQ_SIZE)
+    train = ar.layout_edit_batch(edit_batch, target, sources, cfg_dropout=True).to("cpu")
+    # sampling: the PNG files' images through the sampler
+    star = Star(ar.stacked_ar, ar.vq, load_processor(frozen_dirs[0]), ar.layout, VQ_SIZE, edit_vit_limits=limits)
+    prefix = edit_prefix(star.layout, [encode_source_image(star, _source(key)) for key in keys],
+                         list(edit_batch["instruction"]), guided=True)
+    rows = range(len(keys), 2 * len(keys)) if unconditional else range(len(keys))
+    train_codes = _code_grid(train.code_mask, train.code_ids)
+    prefix_codes = _code_grid(prefix.code_mask, prefix.code_ids)
+    for row, prefix_row in enumerate(rows):
+        length = int(prefix.attention_mask[prefix_row].sum())
+        assert torch.equal(train.input_ids[row, :length], prefix.input_ids[prefix_row, -length:])
+        assert torch.equal(train.position_ids[:, row, :length], prefix.position_ids[:, prefix_row, -length:])
+        assert torch.equal(train_codes[row, :length], prefix_codes[prefix_row, -length:])
+        # the first target code is predicted where the prefix ends, and nothing before it is a target
+        assert int(train.labels[row, length - 1]) == int(target[row].flatten()[0])
+        assert bool((train.labels[row, : length - 1] == IGNORE_INDEX).all())
+    assert torch.equal(train.image_grid_thw, prefix.image_grid_thw[: len(keys)])
+    vit_patches = int(train.image_grid_thw.prod(-1).sum())
+    assert torch.equal(train.pixel_values, prefix.pixel_values[:vit_patches])
+    # the non-square source keeps its aspect for the ViT; the small one was raised to the minimum
+    wide, small = (train.image_grid_thw[keys.index(name)] for name in ("wide", "small"))
+    assert int(wide[2]) > int(wide[1])
+    factor = merged_patch(star.processor.image_processor)
+    min_pixels = limits.min_pixels or star.processor.image_processor.size.shortest_edge
+    assert int(small[1] * small[2]) * (factor // 2) ** 2 >= min_pixels
+
+
+def test_edit_source_reaches_the_vq_as_the_references_bilinear_stretch(frozen_dirs, edit_batch, monkeypatch):
+    """The reference's get_vq_transform is torchvision Resize((384, 384), BILINEAR) on a PIL image, that is PIL's
+    bilinear resize of the whole image, then ToTensor and Normalize(0.5, 0.5): computed here with PIL alone."""
+    ar = _module(frozen_dirs, VitPixelLimits())
+    seen = []
+    encode = ar.vq.encode_to_codes
+    monkeypatch.setattr(ar.vq, "encode_to_codes", lambda pixels: seen.append(pixels.clone()) or encode(pixels))
+    wide = edit_batch["__key__"].index("wide")
+    ar.edit_sources([edit_batch["source_image"][wide]], vq_size=VQ_SIZE)
+    image = _source("wide")
+    stretched = np.asarray(image.resize((VQ_SIZE, VQ_SIZE), Image.Resampling.BILINEAR), dtype=np.float32)
+    expected = (torch.from_numpy(stretched).permute(2, 0, 1) / 255 - 0.5) / 0.5
+    assert len(seen) == 1 and torch.allclose(seen[0][0], expected, atol=1e-6)
+    # what the data layer did before (resize the short side, centre crop) is a different image
+    cropped = ImageOps.fit(image, (VQ_SIZE, VQ_SIZE), method=Image.Resampling.BICUBIC)
+    cropped = (torch.from_numpy(np.asarray(cropped, dtype=np.float32)).permute(2, 0, 1) / 255 - 0.5) / 0.5
+    assert (cropped - expected).abs().max() > 0.5
+
+
+def test_decoder_sources_are_stretched_to_the_target_side_and_square_ones_kept():
+    wide = torch.from_numpy(np.asarray(_source("wide"))).permute(2, 0, 1).float() / 127.5 - 1
+    square = torch.rand(3, VQ_SIZE, VQ_SIZE) * 2 - 1  # not on the uint8 grid: kept, never re-quantised
+    out = stretch_images([wide, square], VQ_SIZE)
+    expected = np.asarray(_source("wide").resize((VQ_SIZE, VQ_SIZE), Image.Resampling.BILINEAR), dtype=np.float32)
+    assert torch.allclose(out[0], torch.from_numpy(expected).permute(2, 0, 1) / 127.5 - 1, atol=1e-6)
+    assert torch.equal(out[1], square)
