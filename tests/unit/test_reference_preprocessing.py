@@ -12,7 +12,9 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from lit_star.checkpoints import load_vq
 from lit_star.commands.generate import generate
+from lit_star.commands.tokenize import tokenize
 from lit_star.data import EditDataModule
 from lit_star.models.base_vlm import Qwen2_5_VLImageTextProcessor, build_image_processor, encode_chat, load_processor
 from lit_star.models.edit_source import (
@@ -248,3 +250,23 @@ def test_decoder_sources_are_stretched_to_the_target_side_and_square_ones_kept()
     expected = np.asarray(_source("wide").resize((VQ_SIZE, VQ_SIZE), Image.Resampling.BILINEAR), dtype=np.float32)
     assert torch.allclose(out[0], torch.from_numpy(expected).permute(2, 0, 1) / 127.5 - 1, atol=1e-6)
     assert torch.equal(out[1], square)
+
+
+def test_pretokenized_edit_targets_are_the_codes_of_the_batchs_stretched_target(frozen_dirs, tmp_path):
+    target = _source("wide")  # non-square: a crop and a stretch give different codes
+    sample = {"__key__": "wide", "source.png": _png(target), "target.png": _png(target), "txt": b"make it red",
+              "json": b"{}"}
+    with wds.TarWriter(str(tmp_path / "edit.tar")) as writer:
+        writer.write(sample)
+    vq = load_vq(frozen_dirs[1]).eval()
+    expected = vq.encode_to_codes(next(iter(EditDataModule(train_shards=str(tmp_path / "edit.tar"), resolution=VQ_SIZE,
+                                                            batch_size=1).train_dataloader()))["target_image"])[0]
+    codes = {}
+    for resize in ("stretch", "crop"):
+        out = tmp_path / resize
+        assert tokenize(str(tmp_path / "edit.tar"), str(out), vq=str(frozen_dirs[1]), resolution=VQ_SIZE,
+                        device="cpu", resize=resize) == 0
+        member = next(iter(wds.WebDataset(str(out / "edit.tar"), shardshuffle=False, empty_check=False)))
+        codes[resize] = torch.from_numpy(np.load(io.BytesIO(member["target.codes.npy"])).astype(np.int64))
+    assert torch.equal(codes["stretch"], expected)
+    assert not torch.equal(codes["crop"], expected)
