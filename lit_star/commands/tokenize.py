@@ -40,7 +40,12 @@ import webdataset as wds
 from tqdm import tqdm
 
 from lit_star.checkpoints import load_vq
-from lit_star.data.images import decode_image, resize_center_crop, rgb_to_tensor, stretch_to_square
+from lit_star.data.images import (
+    decode_image,
+    resize_center_crop,
+    rgb_to_tensor,
+    stretch_to_square,
+)
 from lit_star.data.webdataset_io import reproducible_tar_writer
 from lit_star.models.vq import VQModel
 

@@ -10,13 +10,20 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image, ImageOps
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+    Qwen2VLImageProcessorPil,
+)
 
 from lit_star.checkpoints import load_vq
 from lit_star.commands.generate import generate
 from lit_star.commands.tokenize import tokenize
 from lit_star.data import EditDataModule
-from lit_star.models.base_vlm import Qwen2_5_VLImageTextProcessor, build_image_processor, encode_chat, load_processor
+from lit_star.models.base_vlm import (
+    Qwen2_5_VLImageTextProcessor,
+    build_image_processor,
+    encode_chat,
+    load_processor,
+)
 from lit_star.models.edit_source import (
     REFERENCE_EDIT_LIMITS,
     REFERENCE_GENERATION_LIMITS,
