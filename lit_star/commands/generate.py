@@ -39,6 +39,7 @@ from lit_star.sampling.generations import (
     write_generations,
 )
 from lit_star.sampling.modes import (
+    REFERENCE_MAX_ANSWER_TOKENS,
     Star,
     answer_questions,
     codes_to_images,
@@ -67,7 +68,7 @@ def generate(
     batch_size: int = 8,
     reasoning: bool = False,
     reasoning_suffix: str | None = None,
-    max_answer_tokens: int = 64,
+    max_answer_tokens: int = REFERENCE_MAX_ANSWER_TOKENS,
     decoder: PixelDecoder = PixelDecoder(),
 ) -> int:
     """Text-to-image with a stage 2 checkpoint, optionally with implicit reasoning.
@@ -85,7 +86,7 @@ def generate(
         reasoning: the base answers the prompt first; its answer is drawn.
         reasoning_suffix: appended to the base's answer (default: the checkpoint's recorded one; the reference's
             quality phrase for imported STAR weights and checkpoints that record none).
-        max_answer_tokens: the base's answer budget with ``reasoning``.
+        max_answer_tokens: the base's answer budget with ``reasoning`` (the reference's 256 new tokens).
         decoder: which decoder turns the codes into pixels (the VQ's, or stage 3's diffusion decoder).
     """
     try:
@@ -195,16 +196,13 @@ def edit(
 
 
 def _diffusion_edit(stage3, star: Star, source, instruction: str, seeds, codes):
-    """The stage 3 decoder's edit: the source encoded at the output size, the stack's codes as the VQ pass."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
+    """The stage 3 decoder's edit: the source stretched to the output size (as in training and the reference's
+    get_full_transform), the stack's codes as the VQ pass."""
+    from lit_star.data.images import to_rgb
+    from lit_star.models.edit_source import image_to_tensor, stretch_to_square
     from lit_star.sampling.diffusion import edit_with_diffusion, to_pil
 
-    size = stage3.size
-    pixels = np.asarray(source.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32)
-    tensor = torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
+    tensor = image_to_tensor(stretch_to_square(to_rgb(source), stage3.size))
     images = edit_with_diffusion(stage3.decoder, stage3.scheduler, tensor[None].expand(len(seeds), -1, -1, -1),
                                  [instruction] * len(seeds), list(seeds), vq=star.vq, codes=codes,
                                  settings=stage3.settings)

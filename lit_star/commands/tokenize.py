@@ -14,6 +14,10 @@ complete, so a rerun skips every finished shard and redoes only the interrupted 
 stage 3 draws its latent sample per step (``ImageTextDataModule(latents_key="latents.npy")``). ``--vq`` and
 ``--vae`` may be given alone or together.
 
+With ``--resolution``, images are resized and centre-cropped as ``ImageTextDataModule`` does; edit shards need
+``--resize stretch``, the whole image stretched as ``EditDataModule`` stretches an edit's target, so that the
+pre-tokenized ``target.codes.npy`` are the codes of the batch's ``target_image``.
+
 ``--vq`` accepts a ``VQModule`` Lightning checkpoint (EMA weights when present), a directory written
 by ``VQModel.save_pretrained``, or a reference-layout ``VQ-Model.pt`` (give ``--flavour``).
 Unreadable images are skipped, counted and named; the run fails past ``--max_skip_fraction``.
@@ -28,6 +32,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -35,7 +40,12 @@ import webdataset as wds
 from tqdm import tqdm
 
 from lit_star.checkpoints import load_vq
-from lit_star.data.images import decode_image, resize_center_crop, rgb_to_tensor
+from lit_star.data.images import (
+    decode_image,
+    resize_center_crop,
+    rgb_to_tensor,
+    stretch_to_square,
+)
 from lit_star.data.webdataset_io import reproducible_tar_writer
 from lit_star.models.vq import VQModel
 
@@ -44,6 +54,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 CODES_SHAPE_KEY = "codes_shape.json"
 INT16_MAX_CODES = 32767
+Resize = Literal["crop", "stretch"]
 
 
 def codes_dtype(codebook_size: int) -> np.dtype:
@@ -71,7 +82,10 @@ class ShardTokenizer:
     """Encodes the images of one shard at a time and writes the augmented shard atomically."""
 
     def __init__(self, vq: VQModel | None, device: torch.device, batch_size: int, resolution: int | None,
-                 vae=None) -> None:
+                 vae=None, resize: Resize = "crop") -> None:
+        if resize not in ("crop", "stretch"):
+            raise ValueError(f"resize must be 'crop' or 'stretch', got {resize!r}")
+        self.resize = resize
         self.vq = vq.to(device).eval() if vq is not None else None
         self.vae = vae.to(device).eval() if vae is not None else None
         self.device = device
@@ -84,7 +98,8 @@ class ShardTokenizer:
     def _pixels(self, data: bytes) -> torch.Tensor:
         image = decode_image(data)
         if self.resolution is not None:
-            image = resize_center_crop(image, self.resolution)
+            resize = stretch_to_square if self.resize == "stretch" else resize_center_crop
+            image = resize(image, self.resolution)
         return rgb_to_tensor(image)
 
     @torch.no_grad()
@@ -167,6 +182,7 @@ def tokenize(
     resolution: int | None = None,
     device: str = "auto",
     max_skip_fraction: float = 0.01,
+    resize: Resize = "crop",
 ) -> int:
     """Encode image shards into VQ code shards and/or VAE latents (resumable: finished shards are skipped).
 
@@ -177,7 +193,9 @@ def tokenize(
         vae: AutoencoderKL directory: also write ``<prefix>latents.npy`` (stage 3).
         flavour: VQ flavour of a reference-layout .pt (e.g. star-vq).
         batch_size: images encoded together.
-        resolution: resize + centre-crop first (default: native size).
+        resolution: resize first (default: native size), as ``resize`` says.
+        resize: ``crop`` (shorter side, then the centre; image-text and VQA shards) or ``stretch`` (the whole image
+            to the square, bilinear; edit shards, as ``EditDataModule`` prepares their targets).
         device: ``auto`` (cuda if available), cpu, cuda, cuda:1, ...
         max_skip_fraction: fail when more than this share of samples is unreadable.
     """
@@ -206,7 +224,7 @@ def tokenize(
 
         vae_model = AutoencoderKL.from_pretrained(vae, local_files_only=True)
     vq_model = load_vq(vq, flavour) if vq is not None else None
-    tokenizer = ShardTokenizer(vq_model, torch_device, batch_size, resolution, vae_model)
+    tokenizer = ShardTokenizer(vq_model, torch_device, batch_size, resolution, vae_model, resize)
     with tqdm(todo, unit="shard", desc="tokenize") as progress:
         for shard in progress:
             written = tokenizer.tokenize_shard(shard, out_dir / shard.name)

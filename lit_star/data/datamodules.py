@@ -265,8 +265,14 @@ class EditDataModule(ShardDataModule):
     """Source image + instruction + target image. Batch: source_image, target_image, instruction, meta,
     __key__, [source_codes, target_codes].
 
+    ``source_image`` is a list of ``3 x H x W`` tensors in [-1, 1] at the stored size, not resized: the model
+    prepares it with the sampler's function (``StackedARModule.edit_sources``: the reference's bilinear stretch
+    to the VQ resolution, the ViT at the image's own aspect ratio), so training and sampling see the same
+    source. ``target_image`` is ``B x 3 x resolution x resolution``, the whole target bilinearly stretched like
+    the source's VQ view (no crop), so the unchanged parts of a pair line up.
+
     Args:
-        resolution: image size as in `ImageTextDataModule`.
+        resolution: side of the (stretched) target images.
         source_key, target_key, instruction_key, meta_key: member names in the shards.
         source_codes_key, target_codes_key: pre-tokenized grids (``source.codes.npy`` / ``target.codes.npy``).
         **kwargs: the shard, batching and seeding arguments of `ShardDataModule`.
@@ -292,8 +298,8 @@ class EditDataModule(ShardDataModule):
 
     def fields(self) -> list[Field]:
         fields = [
-            Field("source_image", self.source_key, "image"),
-            Field("target_image", self.target_key, "image"),
+            Field("source_image", self.source_key, "stored_image"),
+            Field("target_image", self.target_key, "stretched_image"),
             Field("instruction", self.instruction_key, "text"),
             _meta(self.meta_key),
         ]

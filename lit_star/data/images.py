@@ -3,6 +3,11 @@
 Every stage sees images the same way: decoded to RGB whatever the stored mode (1, L, LA, P with or
 without transparency, RGBA, CMYK, 16-bit grayscale, ...), EXIF rotation applied, the shorter side
 resized to the target resolution and the centre cropped square, then scaled to [-1, 1].
+
+Edit pairs are the exception (``EditDataModule``): the source stays at its stored size, so that training
+prepares it with the sampler's own function (``lit_star.models.edit_source.encode_edit_source``: the
+reference's bilinear stretch for the VQ, its aspect ratio for the ViT), and the target is stretched the same
+way (:func:`load_stretched_image_tensor`), so that an unchanged region sits at the same codes in both.
 """
 
 from __future__ import annotations
@@ -12,6 +17,10 @@ import io
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+# One conversion and one stretch for data and sampling (the sampler's edit sources go through the same ones).
+from lit_star.models.edit_source import image_to_tensor as rgb_to_tensor
+from lit_star.models.edit_source import stretch_to_square
 
 # Transparent pixels are composited on white: shapes and most user images are drawn on light paper,
 # and black would invent dark borders around every cut-out object.
@@ -54,12 +63,17 @@ def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
     return ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
 
 
-def rgb_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image to a float32 tensor 3 x H x W in [-1, 1]."""
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
-    return pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
 def load_image_tensor(data: bytes, resolution: int) -> torch.Tensor:
     """Encoded image bytes to a 3 x resolution x resolution float tensor in [-1, 1]."""
     return rgb_to_tensor(resize_center_crop(decode_image(data), resolution))
+
+
+def load_stored_image_tensor(data: bytes) -> torch.Tensor:
+    """Encoded image bytes to a 3 x H x W float tensor in [-1, 1] at the stored size (an edit's source)."""
+    return rgb_to_tensor(decode_image(data))
+
+
+def load_stretched_image_tensor(data: bytes, resolution: int) -> torch.Tensor:
+    """Encoded image bytes to 3 x resolution x resolution in [-1, 1], the whole image bilinearly stretched (an
+    edit's target: the same transform as its source's VQ view, :func:`stretch_to_square`)."""
+    return rgb_to_tensor(stretch_to_square(decode_image(data), resolution))

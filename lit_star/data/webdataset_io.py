@@ -42,7 +42,7 @@ from webdataset.tariterators import base_plus_ext
 from webdataset.utils import pytorch_worker_info
 
 from lit_star.data.health import DATA_HEALTH_KEY, DataHealthError, SkipLedger, combine_reports
-from lit_star.data.images import load_image_tensor
+from lit_star.data.images import load_image_tensor, load_stored_image_tensor, load_stretched_image_tensor
 
 
 def reproducible_tar_writer(target) -> wds.TarWriter:
@@ -52,7 +52,10 @@ def reproducible_tar_writer(target) -> wds.TarWriter:
                          user="lit_star", group="lit_star")
 
 
-FieldKind = Literal["image", "text", "json", "codes", "latents", "conversation"]
+# image: resized and centre-cropped to the resolution; stretched_image: stretched to it (an edit's target);
+# stored_image: at its stored size (an edit's source), batched as a list since sizes differ.
+FieldKind = Literal["image", "stretched_image", "stored_image", "text", "json", "codes", "latents", "conversation"]
+RESIZED_IMAGE_KINDS = ("image", "stretched_image")
 CONVERSATION_ROLES = ("system", "user", "assistant")
 TASK_KEY = "task"
 STREAM_POSITION_KEY = "stream_position"
@@ -187,7 +190,7 @@ class SampleDecoder:
     """Turns a raw sample into decoded fields; raises `SkipSample` with the reason for unusable ones."""
 
     def __init__(self, fields: Sequence[Field], resolution: int | None = None) -> None:
-        if any(field.kind == "image" for field in fields) and not resolution:
+        if any(field.kind in RESIZED_IMAGE_KINDS for field in fields) and not resolution:
             raise ValueError("image fields need a resolution")
         for field in fields:
             if field.key is None and field.kind != "json":
@@ -209,8 +212,12 @@ class SampleDecoder:
             present = ", ".join(sorted(k for k in raw if not k.startswith("__")))
             raise SkipSample(f"missing key {field.key!r} (sample has: {present or 'nothing'})")
         data = raw[ext]
-        if field.kind == "image":
+        if field.kind in ("image", "stretched_image", "stored_image"):
             try:
+                if field.kind == "stored_image":
+                    return load_stored_image_tensor(data)
+                if field.kind == "stretched_image":
+                    return load_stretched_image_tensor(data, self.resolution)
                 return load_image_tensor(data, self.resolution)
             except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
                 raise SkipSample(f"corrupt image {ext!r}: {type(exc).__name__}: {exc}") from None
@@ -269,11 +276,11 @@ def _decode_latents(ext: str, data: bytes) -> torch.Tensor:
 
 
 def collate(samples: Sequence[Mapping[str, Any]], fields: Sequence[Field]) -> dict[str, Any]:
-    """Stack image and codes fields into tensors; keep texts and metadata as lists."""
+    """Stack image and codes fields into tensors; keep texts, metadata and stored-size images as lists."""
     batch: dict[str, Any] = {"__key__": [sample["__key__"] for sample in samples]}
     for field in fields:
         values = [sample[field.name] for sample in samples]
-        if field.kind in ("image", "codes", "latents"):
+        if field.kind in (*RESIZED_IMAGE_KINDS, "codes", "latents"):
             shapes = {tuple(value.shape) for value in values}
             if len(shapes) > 1:
                 raise ValueError(

@@ -27,6 +27,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from lit_star.models.edit_source import VitPixelLimits, vit_call_args
 from lit_star.models.tokenizer import special_token_ids
 
 
@@ -305,19 +306,28 @@ def encode_chat(
     questions: list[str],
     images: list[np.ndarray] | None = None,
     answers: list[str] | None = None,
+    vit_limits: VitPixelLimits | None = None,
 ) -> dict[str, torch.Tensor]:
     """Model inputs for single-turn chats, one optional image each.
 
     Without ``answers``: left-padded prompts ending in the open assistant turn, ready for ``generate``.
     With ``answers``: right-padded full conversations plus ``labels`` that are ``-100`` everywhere except
     the answer tokens and the closing ``<|im_end|>`` (so the model learns to stop).
+
+    The images go to the ViT under ``vit_limits``; unset fields take the base's default for generation and
+    understanding (:func:`lit_star.models.edit_source.default_vit_limits`: the reference's 28*28*16 to
+    28*28*1024 pixels for a Qwen2.5-VL base), so training and answering see the same inputs.
     """
     tokenizer = processor.tokenizer
     if images is not None and len(images) != len(questions):
         raise ValueError(f"got {len(images)} images for {len(questions)} questions")
     prompts = chat_prompts(tokenizer, questions, with_image=images is not None)
+    size_kwargs: dict = {}
+    if images is not None:
+        images, size_kwargs = vit_call_args(processor.image_processor, images, vit_limits, edit=False)
     if answers is None:
-        return dict(processor(text=prompts, images=images, padding=True, padding_side="left", return_tensors="pt"))
+        return dict(processor(text=prompts, images=images, padding=True, padding_side="left", return_tensors="pt",
+                              **size_kwargs))
     if len(answers) != len(questions):
         raise ValueError(f"got {len(answers)} answers for {len(questions)} questions")
     targets = [answer + "<|im_end|>" for answer in answers]
@@ -328,6 +338,7 @@ def encode_chat(
             padding=True,
             padding_side="right",
             return_tensors="pt",
+            **size_kwargs,
         )
     )
     input_ids = encoded["input_ids"]
@@ -352,10 +363,12 @@ def generate_answers(
     questions: list[str],
     images: list[np.ndarray] | None = None,
     max_new_tokens: int = 32,
+    vit_limits: VitPixelLimits | None = None,
 ) -> list[str]:
-    """Greedy answers of the base to single-turn questions (with one image each, or text only)."""
+    """Greedy answers of the base to single-turn questions (with one image each, or text only); images under
+    ``vit_limits`` as in :func:`encode_chat`."""
     tokenizer = processor.tokenizer
-    inputs = encode_chat(processor, questions, images)
+    inputs = encode_chat(processor, questions, images, vit_limits=vit_limits)
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)

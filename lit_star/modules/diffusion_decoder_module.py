@@ -53,6 +53,7 @@ from lit_star.models.diffusion_decoder import (
     noisy_latents,
     vq_map,
 )
+from lit_star.models.edit_source import stretch_images
 from lit_star.models.stacked_ar import base_state_checksum
 from lit_star.models.vq import VQModel
 from lit_star.modules.schedules import check_global_batch_size, lr_multiplier
@@ -276,7 +277,11 @@ class DiffusionDecoderModule(LightningModule):
         codes = None if edit else self._codes(images, batch.get("codes"))
         source = None
         if edit:
-            source = self._latents(batch["source_image"].to(self.device), self._generators(keys, f"{epoch}:source"))
+            # The decoder's view of the source (stored size, or already square): stretched to the target's side as
+            # the reference's get_full_transform and the sampler (generate's diffusion edit) do.
+            side = images.shape[-1]
+            sources = stretch_images(batch["source_image"], side).to(self.device)
+            source = self._latents(sources, self._generators(keys, f"{epoch}:source"))
         return dict(latents=latents, prompts=prompts, codes=codes, source=source, edit=edit, generators=generators)
 
     def flow_loss(self, inputs: dict[str, Any], dropout: bool) -> torch.Tensor:

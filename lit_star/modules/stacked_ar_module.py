@@ -158,8 +158,8 @@ class StackedARModule(LightningModule):
             the Shapes world, whose captions have none).
         edit_vit_min_pixels / edit_vit_max_pixels / edit_min_image_side: the ViT input limits of an edit's
             source image (edit batches train in stage 4, which lays them out through this module); ``None``:
-            the base processor's own. The reference's: 28*28*16, 28*28*576 and 28
-            (:mod:`lit_star.models.edit_source`).
+            the base's default, which for a Qwen2.5-VL base is the reference's 28*28*16, 28*28*576 and 28, and
+            for another geometry the processor's own (:func:`lit_star.models.edit_source.default_vit_limits`).
     """
 
     def __init__(
@@ -373,9 +373,10 @@ class StackedARModule(LightningModule):
             self._image_processor = load_processor(self.hparams.base_path).image_processor
         return self._image_processor
 
-    def edit_sources(self, source_images: torch.Tensor, vq_size: int) -> list[SourceImage]:
-        """Both encodings of each source image (``B x 3 x H x W`` in [-1, 1]), exactly as the sampler encodes
-        an edit's source (:func:`~lit_star.models.edit_source.encode_edit_source`)."""
+    def edit_sources(self, source_images: torch.Tensor | Sequence[torch.Tensor], vq_size: int) -> list[SourceImage]:
+        """Both encodings of each source image (``3 x H x W`` in [-1, 1], any size: ``EditDataModule`` keeps the
+        stored one), exactly as the sampler encodes an edit's source
+        (:func:`~lit_star.models.edit_source.encode_edit_source`: stretch for the VQ, own aspect for the ViT)."""
         return [encode_edit_source(self.vq, self.image_processor, tensor_to_image(image), vq_size,
                                    self.edit_vit_limits) for image in source_images]
 

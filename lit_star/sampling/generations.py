@@ -17,6 +17,7 @@ from lit_star.data.jsonl import read_jsonl
 from lit_star.sampling.decoding import DecodeOptions
 from lit_star.sampling.filtering import SamplerConfig
 from lit_star.sampling.modes import (
+    REFERENCE_MAX_ANSWER_TOKENS,
     Star,
     codes_to_images,
     generate_codes,
@@ -83,7 +84,7 @@ def write_generations(
     options: DecodeOptions = DecodeOptions(),
     batch_size: int = 8,
     reasoning_suffix: str | None = None,
-    max_answer_tokens: int = 64,
+    max_answer_tokens: int = REFERENCE_MAX_ANSWER_TOKENS,
     extra_settings: dict | None = None,
     render: Callable[[object, list[str], list[int]], list[Image.Image]] | None = None,
 ) -> list[dict]:

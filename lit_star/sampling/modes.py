@@ -33,6 +33,9 @@ from lit_star.models.vq import VQModel
 from lit_star.sampling.decoding import DecodeOptions, PrefixBatch, collate_prefixes, decode_image_codes
 from lit_star.sampling.filtering import SamplerConfig, make_generators
 
+# The base's answer budget in reasoning mode: MM-MVR/STAR lets it answer with up to 256 new tokens (NOTES section 2);
+# the one default of every reasoning entry point (reason_then_generate, write_generations, generate --reasoning).
+REFERENCE_MAX_ANSWER_TOKENS = 256
 
 
 @dataclass
@@ -51,7 +54,8 @@ class Star:
     image_size: int | None
     # appended to the base's answer in reasoning mode when the caller gives none: the checkpoint's record
     reasoning_suffix: str = REFERENCE_REASONING_SUFFIX
-    # ViT pixel limits of an edit's source (the processor's own by default; a stage 4 checkpoint records its own)
+    # ViT pixel limits of an edit's source; unset fields: the base's default (the reference's for a Qwen2.5-VL base,
+    # lit_star.models.edit_source.default_vit_limits), as in training
     edit_vit_limits: VitPixelLimits = field(default_factory=VitPixelLimits)
 
     def __post_init__(self) -> None:
@@ -215,7 +219,7 @@ def reason_then_generate(
     seeds: Sequence[int] | None = None,
     options: DecodeOptions = DecodeOptions(),
     suffix: str = REFERENCE_REASONING_SUFFIX,
-    max_answer_tokens: int = 64,
+    max_answer_tokens: int = REFERENCE_MAX_ANSWER_TOKENS,
     progress: Callable[[int], None] | None = None,
 ) -> ReasonedGeneration:
     """Implicit reasoning: the base answers each prompt greedily, and ``answer + suffix`` replaces the

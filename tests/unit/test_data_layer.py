@@ -426,7 +426,10 @@ def test_vqa_edit_and_knowledge_batches_follow_the_schema(tmp_path):
     assert batches["vqa"]["image"].shape == (3, 3, RES, RES)
     assert batches["vqa"]["question"] == ["How many circles?"] * 3 and batches["vqa"]["answer"] == ["3"] * 3
     edit_batch = batches["edit"]
-    assert edit_batch["source_image"][:, 0].mean() == 1.0 and edit_batch["target_image"][:, 2].mean() == 1.0
+    # Sources stay at their stored size (the model prepares them as the sampler does); targets are stacked.
+    assert [tuple(image.shape) for image in edit_batch["source_image"]] == [(3, RES, RES)] * 3
+    assert all(image[0].mean() == 1.0 for image in edit_batch["source_image"])
+    assert edit_batch["target_image"].shape == (3, 3, RES, RES) and edit_batch["target_image"][:, 2].mean() == 1.0
     assert edit_batch["instruction"] == ["make it blue"] * 3 and edit_batch["meta"][0] == {"category": "adjust"}
     assert edit_batch["source_codes"].dtype == torch.int64 and int(edit_batch["source_codes"].sum()) == 12
     assert batches["knowledge"]["prompt"][0] == "three corners, like a ripe banana"
@@ -508,3 +511,30 @@ data:
     assert data.components["t2i"].batch_size == 2 and data.components["t2i"].seed == 5
     data.setup("fit")
     assert [batch["task"] for batch in data.train_dataloader()] == ["t2i"] * 3
+
+
+def _gradient_png(width: int, height: int) -> bytes:
+    """An RGB image whose pixels all differ, so that a crop and a stretch cannot give the same tensor."""
+    x, y = np.meshgrid(np.arange(width), np.arange(height))
+    pixels = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], -1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_edit_sources_keep_their_stored_size_and_targets_are_stretched_not_cropped(tmp_path):
+    sizes = [(40, 20), (12, 30), (RES, RES)]  # width x height: non-square, under 28 px, and already square
+    edit = write_shard(tmp_path / "edit.tar", [
+        {"__key__": f"{i}", "source.png": _gradient_png(w, h), "target.png": _gradient_png(w, h), "txt": b"make it blue",
+         "json": b"{}"}
+        for i, (w, h) in enumerate(sizes)
+    ])
+    batch = next(iter(EditDataModule(train_shards=edit, resolution=RES, batch_size=3).train_dataloader()))
+    assert isinstance(batch["source_image"], list)
+    for key, source, target in zip(batch["__key__"], batch["source_image"], batch["target_image"]):
+        w, h = sizes[int(key)]
+        stored = torch.from_numpy(np.asarray(Image.open(io.BytesIO(_gradient_png(w, h))))).permute(2, 0, 1)
+        assert torch.equal(source, stored.float() / 127.5 - 1.0), "the source must arrive exactly as stored"
+        stretched = Image.open(io.BytesIO(_gradient_png(w, h))).resize((RES, RES), Image.Resampling.BILINEAR)
+        expected = torch.from_numpy(np.asarray(stretched)).permute(2, 0, 1).float() / 127.5 - 1.0
+        assert torch.equal(target, expected), "the target is the whole image stretched, as the source's VQ view"

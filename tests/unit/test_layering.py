@@ -16,7 +16,8 @@ PACKAGE = Path(lit_star.__file__).parent
 ALLOWED = {
     "models": set(),
     "checkpoints": {"models"},
-    "data": set(),
+    # data: the reference's image transforms (models.edit_source), shared with the sampler.
+    "data": {"models"},
     "worlds": {"data"},
     "distributed": {"models"},
     "sampling": {"models", "checkpoints", "data"},
