@@ -16,7 +16,7 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
-from lit_star.checkpoints import load_stage4
+from lit_star.checkpoints import STAGE4_DECODER_PREFIX, STAGE4_STACK_PREFIX, load_stage2, load_stage3, load_stage4
 from lit_star.data import EditDataModule, ImageTextDataModule, MixtureDataModule
 from lit_star.modules.diffusion_decoder_module import DiffusionDecoderModule
 from lit_star.modules.schedules import check_global_batch_size
@@ -291,3 +291,35 @@ def test_shapes_recipe_resumes_exactly(shapes_env, tmp_path):
     two = torch.load(tmp_path / "resumed" / "checkpoints" / "step00000002.ckpt", weights_only=False)
     assert any(not torch.equal(v, two["state_dict"][k]) for k, v in straight["state_dict"].items()), \
         "steps 3 and 4 changed the weights, so equal weights say something"
+
+
+def test_generate_and_edit_draw_with_a_stage4_checkpoints_stack_and_decoder(shapes_env, tmp_path):
+    """``--ckpt`` / ``--decoder.ckpt`` take a stage 4 checkpoint: its own stack and DiT, not stage 2's / 3's."""
+    from lit_star.commands.generate import edit, generate
+    from lit_star.commands.options import PixelDecoder
+    from lit_star.sampling.filtering import SamplerConfig
+
+    runs, world, tiny = shapes_env
+    StarCLI(args=["fit", "--config", str(SHAPES4), "--config", str(tiny), *CPU, "--trainer.default_root_dir",
+                  str(tmp_path / "run"), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"])
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    stage2 = torch.load(runs / "stage2_stacked_ar" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    stack = load_stage2(ckpt).stacked_ar.trainable_state_dict()
+    dit = load_stage3(ckpt).decoder.denoiser.state_dict()
+    for ours, prefix in ((stack, STAGE4_STACK_PREFIX), (dit, STAGE4_DECODER_PREFIX)):
+        expected = _prefixed(state, prefix)
+        assert ours.keys() == expected.keys() and all(torch.equal(ours[k], expected[k]) for k in ours)
+    assert any(not torch.equal(stack[k], v) for k, v in _prefixed(stage2, "model.stacked_ar.").items()), \
+        "stage 4 trained the stack, so stage 2's weights would be the wrong ones"
+
+    decoder, sampler = PixelDecoder(kind="diffusion", ckpt=str(ckpt), steps=2), SamplerConfig(top_k=0)
+    assert generate(str(ckpt), str(tmp_path / "samples"), prompt="a red circle", sampler=sampler,
+                    decoder=decoder) == 0
+    record = json.loads((tmp_path / "samples" / "generations.jsonl").read_text().splitlines()[0])
+    assert record["settings"]["decoder_ckpt"] == str(ckpt)
+    assert Image.open(tmp_path / "samples" / f"{record['id']}.png").size == (IMAGE_SIZE, IMAGE_SIZE)
+    source = tmp_path / "source.png"
+    source.write_bytes(_png(np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)))
+    assert edit(str(ckpt), str(source), "make it red", str(tmp_path / "edits"), sampler=sampler, decoder=decoder) == 0
+    assert Image.open(tmp_path / "edits" / "edit_0.png").size == (IMAGE_SIZE, IMAGE_SIZE)
