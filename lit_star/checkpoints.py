@@ -177,7 +177,8 @@ def load_stage2(
     vq: str | Path | None = None,
     vq_flavour: str | None = None,
 ) -> Stage2Weights:
-    """Load a stage 2 checkpoint: a ``StackedARModule`` ``.ckpt`` or a ``save_stacked_ar`` directory.
+    """Load a stage 2 checkpoint: a ``StackedARModule`` ``.ckpt`` or a ``save_stacked_ar`` directory; from a
+    stage 4 (``UnifiedTuneModule``) ``.ckpt``, its stack.
 
     ``base`` / ``vq`` override the recorded paths; the weights found there must still have the checksums
     the checkpoint recorded (:class:`FrozenWeightsChangedError` otherwise). The image size is the recorded
@@ -187,7 +188,9 @@ def load_stage2(
     if ckpt.is_dir():
         return _stage2_from_directory(ckpt, base, vq, vq_flavour)
     if ckpt.is_file():
-        return _stage2_from_lightning_checkpoint(ckpt, base, vq, vq_flavour)
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+        prefix = STAGE4_STACK_PREFIX if _is_stage4(checkpoint) else STAGE2_STATE_PREFIX
+        return _stage2_from_lightning_checkpoint(ckpt, base, vq, vq_flavour, checkpoint, prefix=prefix)
     raise FileNotFoundError(f"no stage 2 checkpoint at {ckpt}")
 
 
@@ -543,7 +546,8 @@ def export_decoder_reference(decoder) -> dict[str, dict[str, torch.Tensor]]:
 
 def load_stage3(ckpt: str | Path, vq: str | Path | None = None, vq_flavour: str | None = None) -> Stage3Weights:
     """A ``DiffusionDecoderModule`` checkpoint (``.ckpt``) or a ``save_decoder`` directory (``import-reference``
-    writes one as ``OUT/diffusion_decoder``); ``vq`` overrides the recorded VQ (a directory's ``../vq``)."""
+    writes one as ``OUT/diffusion_decoder``); from a stage 4 (``UnifiedTuneModule``) ``.ckpt``, its decoder.
+    ``vq`` overrides the recorded VQ (a directory's ``../vq``)."""
     from lit_star.models.diffusion_decoder import load_decoder
 
     ckpt = Path(ckpt)
@@ -554,7 +558,8 @@ def load_stage3(ckpt: str | Path, vq: str | Path | None = None, vq_flavour: str 
     if not ckpt.is_file():
         raise FileNotFoundError(f"no stage 3 checkpoint at {ckpt}")
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-    return _stage3_from_lightning_checkpoint(ckpt, checkpoint, vq, vq_flavour)
+    prefix = STAGE4_DECODER_PREFIX if _is_stage4(checkpoint) else STAGE3_STATE_PREFIX
+    return _stage3_from_lightning_checkpoint(ckpt, checkpoint, vq, vq_flavour, prefix=prefix)
 
 
 def _stage3_from_lightning_checkpoint(ckpt: Path, checkpoint: dict, vq, vq_flavour, prefix: str = STAGE3_STATE_PREFIX,
@@ -588,6 +593,10 @@ STAGE4_STACK_PREFIX = "autoregressive." + STAGE2_STATE_PREFIX
 STAGE4_DECODER_PREFIX = "diffusion." + STAGE3_STATE_PREFIX
 
 
+def _is_stage4(checkpoint) -> bool:
+    return isinstance(checkpoint, dict) and STAGE4_CONFIG_KEY in checkpoint
+
+
 @dataclass
 class Stage4Weights:
     """A loaded stage 4 result: the stack (with its VQ) and the decoder (sharing that VQ), and how they trained."""
@@ -605,7 +614,7 @@ def load_stage4(ckpt: str | Path, base: str | Path | None = None, vq: str | Path
     if not ckpt.is_file():
         raise FileNotFoundError(f"no stage 4 checkpoint at {ckpt}")
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, dict) or STAGE4_CONFIG_KEY not in checkpoint:
+    if not _is_stage4(checkpoint):
         raise KeyError(f"{ckpt} has no {STAGE4_CONFIG_KEY!r}: not a UnifiedTuneModule checkpoint")
     stage2 = _stage2_from_lightning_checkpoint(ckpt, base, vq, vq_flavour, checkpoint, prefix=STAGE4_STACK_PREFIX)
     stage3 = _stage3_from_lightning_checkpoint(ckpt, checkpoint, vq, vq_flavour, prefix=STAGE4_DECODER_PREFIX,

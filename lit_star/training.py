@@ -20,6 +20,7 @@ What every run gets without asking:
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _InstantiatorFn
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import torch
@@ -152,6 +153,26 @@ class ThreadBudget(Callback):
         self._on_batch(trainer)
 
 
+class _OuterModuleInstantiator(_InstantiatorFn):
+    """Lightning's instantiator hands every LightningModule (LightningDataModule) it builds the whole ``model``
+    (``data``) config as its hyperparameters. A module nested in another's init_args (stage 4's ``stacked_ar`` and
+    ``diffusion_decoder``, a mixture's components) would then record its parent's arguments and miss its own
+    (``hparams.vq_path``), so only the class the config's ``class_path`` names gets them; nested ones are built
+    plainly and ``save_hyperparameters`` reads their own arguments."""
+
+    def __call__(self, class_type: type, *args: Any, applied_instantiation_links: dict, **kwargs: Any) -> Any:
+        self.cli._dump_config()
+        class_path = self.cli.config_dump.get(self.key, {}).get("class_path")
+        if class_path is not None and _import_class(class_path) is not class_type:
+            return class_type(*args, **kwargs)
+        return super().__call__(class_type, *args, applied_instantiation_links=applied_instantiation_links, **kwargs)
+
+
+def _import_class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 class StarCLI(LightningCLI):
     """LightningCLI with lit_star's run-directory, checkpoint and interpolation defaults."""
 
@@ -196,6 +217,10 @@ class StarCLI(LightningCLI):
             "checkpoint.dirpath",
             compute_fn=lambda root: os.path.join(root or DEFAULT_RUN_DIR, "checkpoints"),
         )
+
+    def _add_instantiators(self) -> None:
+        for key, class_type in (("model", self._model_class), ("data", self._datamodule_class)):
+            self.parser.add_instantiator(_OuterModuleInstantiator(cli=self, key=key), class_type, subclasses=True)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})

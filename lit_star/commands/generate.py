@@ -9,9 +9,12 @@
     python -m lit_star understand --ckpt runs/stage2/last.ckpt --image in.png --question "How many circles are there?"
     python -m lit_star generate --ckpt runs/stage2/last.ckpt --prompt "a red circle" --out samples \\
         --decoder.kind diffusion --decoder.ckpt runs/stage3/last.ckpt --decoder.size 128      # stage 3 decodes the codes
+    python -m lit_star generate --ckpt runs/stage4/last.ckpt --prompt "a red circle" --out samples \\
+        --decoder.kind diffusion --decoder.ckpt runs/stage4/last.ckpt     # stage 4: its stack draws, its decoder decodes
 
 ``--ckpt`` is a stage 2 checkpoint: our Lightning ``.ckpt`` or a ``save_stacked_ar`` / ``import-reference``
-directory (see :mod:`lit_star.sampling.loading`). ``--prompts`` is JSONL, one ``{"prompt": ..., "id": ...,
+directory (see :mod:`lit_star.sampling.loading`), or a stage 4 ``.ckpt``, whose stack is used (and whose
+decoder, given again as ``--decoder.ckpt``). ``--prompts`` is JSONL, one ``{"prompt": ..., "id": ...,
 "seed": ...}`` per line (``id`` and ``seed`` optional). Images go to ``OUT/<id>.png`` and every generated
 item, with the settings used, to ``OUT/generations.jsonl`` (``edits.jsonl``, ``answers.jsonl``).
 Sample i is drawn with seed ``--seed + i`` unless its record gives one, so a seed reproduces its image at
@@ -74,7 +77,7 @@ def generate(
     """Text-to-image with a stage 2 checkpoint, optionally with implicit reasoning.
 
     Args:
-        ckpt: stage 2 checkpoint (Lightning .ckpt or save_stacked_ar/import-reference directory).
+        ckpt: stage 2 checkpoint (Lightning .ckpt or save_stacked_ar/import-reference directory) or stage 4 .ckpt.
         out: output folder (``<id>.png`` and ``generations.jsonl``).
         prompt: a prompt (``--prompt "a red circle"``) or a list of them (``--prompt '[a red circle, a blue star]'``).
         prompts: JSONL file of ``{"prompt", "id"?, "seed"?}`` records.
@@ -144,7 +147,7 @@ def edit(
     """Edit one image with an instruction using a stage 2 checkpoint.
 
     Args:
-        ckpt: stage 2 checkpoint (Lightning .ckpt or save_stacked_ar/import-reference directory).
+        ckpt: stage 2 checkpoint (Lightning .ckpt or save_stacked_ar/import-reference directory) or stage 4 .ckpt.
         image: source image.
         instruction: what to change.
         out: output folder (``edit_<seed>.png`` and ``edits.jsonl``).
@@ -220,7 +223,7 @@ def understand(
     """The frozen base of a stage 2 checkpoint answers a question about an image (greedy).
 
     Args:
-        ckpt: stage 2 checkpoint (Lightning .ckpt or save_stacked_ar/import-reference directory).
+        ckpt: stage 2 checkpoint (Lightning .ckpt or save_stacked_ar/import-reference directory) or stage 4 .ckpt.
         question: the question.
         image: image the question is about (omit for a text-only question).
         max_new_tokens: answer budget.

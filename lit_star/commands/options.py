@@ -55,7 +55,8 @@ class PixelDecoder:
 
     Args:
         kind: ``vq`` (the VQ's decoder) or ``diffusion`` (the stage 3 diffusion decoder).
-        ckpt: stage 3 checkpoint (DiffusionDecoderModule .ckpt or save_decoder directory), with ``diffusion``.
+        ckpt: stage 3 checkpoint (DiffusionDecoderModule .ckpt or save_decoder directory) or stage 4 .ckpt (its
+            decoder), with ``diffusion``.
         size: diffusion output side (default: the stage 2 image size); any multiple of the DiT patch.
         steps: Euler steps (default 40 for text-to-image, 50 for editing, the reference's).
         guidance: text guidance g (default 4.5, editing 3.0).

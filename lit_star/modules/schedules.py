@@ -47,14 +47,29 @@ def lr_multiplier(
 
 
 def check_global_batch_size(trainer, expected: int | None) -> None:
-    """Refuse to fit unless data batch_size x processes x gradient accumulation equals ``expected`` (if set)."""
-    micro = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
-    if expected is None or micro is None:
+    """Refuse to fit unless data batch_size x processes x gradient accumulation equals ``expected`` (if set).
+
+    A mixture (``lit_star.data.MixtureDataModule``) draws each batch whole from one component, so its components
+    must share one batch_size: otherwise the global batch would change with the draw."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if expected is None or datamodule is None:
+        return
+    components = getattr(datamodule, "components", None)
+    if components is not None:
+        sizes = {name: getattr(component, "batch_size", None) for name, component in components.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(
+                f"global_batch_size {expected} needs one batch_size for every mixture component, got {sizes}; "
+                "set data.init_args.components.<name>.init_args.batch_size alike")
+        micro, where = next(iter(sizes.values())), "the mixture components' batch_size"
+    else:
+        micro, where = getattr(datamodule, "batch_size", None), "data.init_args.batch_size"
+    if micro is None:
         return
     actual = micro * trainer.world_size * trainer.accumulate_grad_batches
     if actual != expected:
         raise ValueError(
             f"global batch {actual} = data batch_size {micro} x {trainer.world_size} processes x "
             f"accumulate_grad_batches {trainer.accumulate_grad_batches}, but global_batch_size is "
-            f"{expected}; adjust trainer.accumulate_grad_batches or data.init_args.batch_size"
+            f"{expected}; adjust trainer.accumulate_grad_batches or {where}"
         )

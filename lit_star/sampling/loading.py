@@ -5,7 +5,8 @@ Accepted ``ckpt``:
 - a ``save_stacked_ar`` directory (``stacked_ar.json`` + ``stacked_ar.safetensors``), e.g. the output of
   ``python -m lit_star import-reference`` for STAR-3B/7B; its VQ is ``vq`` (or the directory's ``vq/``);
 - a Lightning ``.ckpt`` of :class:`~lit_star.modules.stacked_ar_module.StackedARModule`; base and VQ are
-  re-read from the paths it recorded and must match the checksums it recorded.
+  re-read from the paths it recorded and must match the checksums it recorded;
+- a stage 4 ``.ckpt`` (:class:`~lit_star.modules.unified_tune_module.UnifiedTuneModule`): its stack, the same way.
 
 Both are read by :func:`lit_star.checkpoints.load_stage2`; this module adds the processor and layout.
 
