@@ -569,13 +569,16 @@ def _score(result: dict | None) -> str:
     return f"{result['overall']:.3f}" + ("" if error is None else f" ± {error:.3f}")
 
 
-def _claims_table(before: dict | None, after: dict | None, shapes: dict | None) -> list[str]:
+def _claims_table(before: dict | None, after: dict | None, shapes: dict | None, stage4: dict | None = None,
+                  after_stage4: dict | None = None) -> list[str]:
     """"What STAR claims → what this run measured", one row per claim the curriculum can test."""
-    shapes = shapes or {}
+    shapes, stage4 = shapes or {}, stage4 or {}
     if before and after:
         identical = before["answers"] == after["answers"]
-        understanding = (f"every answer identical: **{identical}** ({len(after['answers'])} answers; VQA "
+        understanding = (f"every answer identical after stage 2: **{identical}** ({len(after['answers'])} answers; VQA "
                          f"{before['vqa_accuracy']:.3f} → {after['vqa_accuracy']:.3f})")
+        if after_stage4:
+            understanding += f"; after stage 4: **{before['answers'] == after_stage4['answers']}**"
     else:
         understanding = "not measured"
     seen = shapes.get("geneval_seen")
@@ -596,6 +599,10 @@ def _claims_table(before: dict | None, after: dict | None, shapes: dict | None) 
         ("It composes: held-out colour/shape pairs", f"held-out pairs overall {_score(shapes.get('geneval'))}"
          if shapes.get("geneval") else "not measured"),
         ("Implicit reasoning: the base's answer lifts knowledge prompts", reasoning),
+        *([("Stage 4 tunes stack and decoder together: edits, and a diffusion decoder",
+            f"edit set overall {_score(stage4.get('edit'))}; seen pairs through the diffusion decoder "
+            f"{_score(stage4.get('geneval_seen_diffusion'))}, through the VQ decoder {_score(stage4.get('geneval_seen'))}")]
+          if stage4 else []),
         ("Stacked layers copied from the VLM beat a random init (Table 6c)",
          "not run by this curriculum: `python -m lit_star sweep run recipes/sweeps/shapes_6c_init.yaml`"),
     ]
@@ -631,6 +638,34 @@ def _stage2_loss_section(run: str | None) -> list[str]:
             "Cross-entropy per image code at the last validation; the gain is what the prompt is worth."]
 
 
+def _stage4_section(stage4: dict | None, stage2_seen: dict | None, before: dict | None, after: dict | None) -> list[str]:
+    """Stage 4 (``eval shapes`` on the stage 4 checkpoint): the seen-pair set drawn by the tuned stack and decoded
+    by the VQ decoder and by the tuned diffusion decoder (the same samples), the edit set per category, and
+    understanding after stage 4 against the stage 0 base."""
+    if not stage4 and not after:
+        return []
+    lines = ["", "## Stage 4: stack and diffusion decoder tuned together", ""]
+    if stage4:
+        sets = {"stage 2 stack, VQ decoder": stage2_seen} if stage2_seen else {}
+        for key, name in (("geneval_seen", "stage 4 stack, VQ decoder"),
+                          ("geneval_seen_diffusion", "stage 4 stack, diffusion decoder")):
+            if key in stage4:
+                sets[name] = stage4[key]
+        if sets:
+            lines += ["Seen colour/shape pairs; both stage 4 columns score the same samples of the stack, decoded by "
+                      "each decoder" + (f" ({stage4['per_category']} prompts per category)" if stage4.get("per_category")
+                                        else "") + ".", "", *_score_table(sets), ""]
+        if "edit" in stage4:
+            lines += ["The ShapesEval edit set, every edit category (VQ decoder):", "",
+                      *_score_table({"edits after stage 4": stage4["edit"]}), ""]
+    if before and after:
+        identical = before["answers"] == after["answers"]
+        lines += [f"Understanding of the base inside the stage 4 model: VQA {after['vqa_accuracy']:.4f}, riddles "
+                  f"{after['riddle_accuracy']:.4f}; every answer identical to the stage 0 base: **{identical}** "
+                  f"({len(after['answers'])} answers).", ""]
+    return lines
+
+
 def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
     """``<run_dir>/report.md``: wall time per step and the critical path, understanding before/after, prompt
     binding, ShapesEval, grids."""
@@ -639,7 +674,9 @@ def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
     before, after = _load_json(sources.get("understanding_before")), _load_json(sources.get("understanding_after"))
     shapes = _merged_shapes_results(sources.get("shapes_eval"))
     lines = ["# Shapes curriculum report", "", f"Run directory: `{run_dir}`", "",
-             *_claims_table(before, after, shapes), "## Wall time per step", "",
+             *_claims_table(before, after, shapes, _merged_shapes_results(sources.get("stage4_shapes_eval")),
+                            _load_json(sources.get("understanding_after_stage4"))),
+             "## Wall time per step", "",
              "| step | seconds | threads |", "|---|---|---|"]
     for name, timing in timings.items():
         grew = ""
@@ -671,6 +708,10 @@ def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
         if parts:
             lines += ["", f"Scene descriptions ({parts['descriptions']}), per object in reading order ({parts['objects']}): "
                       + ", ".join(f"{field} {share:.2f}" for field, share in parts["per_object"].items()) + "."]
+
+    stage4 = _merged_shapes_results(sources.get("stage4_shapes_eval"))
+    after_stage4 = _load_json(sources.get("understanding_after_stage4"))
+    lines += _stage4_section(stage4, (shapes or {}).get("geneval_seen"), before, after_stage4)
 
     binding = _load_json(sources.get("binding"))
     if binding:
@@ -720,7 +761,7 @@ def write_report(config: DictConfig, timings: dict[str, dict]) -> Path:
         from lit_star.eval.shapes import GRID_COLUMNS, grid_prompts_path  # torch: not before preflight
 
         lines += ["", "## Sample grids", ""]
-        for grid in shapes.get("grids", []):
+        for grid in shapes.get("grids", []) + (stage4 or {}).get("grids", []):
             relative = os.path.relpath(grid, run_dir)
             lines.append(f"**{Path(grid).stem}**  \n![{Path(grid).stem}]({relative})\n")
             prompts = grid_prompts_path(grid)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from lit_star.commands.options import ModelOverrides
+from lit_star.commands.options import ModelOverrides, PixelDecoder
 from lit_star.sampling.decoding import DecodeOptions
 from lit_star.sampling.filtering import SamplerConfig
 
@@ -33,6 +33,7 @@ def shapes(
     model: ModelOverrides = ModelOverrides(),
     sampler: SamplerConfig = SamplerConfig(),
     decode: DecodeOptions = DecodeOptions(),
+    decoder: PixelDecoder = PixelDecoder(),
     seed: int = 0,
     batch_size: int = 8,
     geneval: bool = True,
@@ -63,6 +64,9 @@ def shapes(
         model: overrides of what the checkpoint records.
         sampler: how each image token is drawn.
         decode: how the decode loop runs.
+        decoder: with ``--decoder.kind diffusion --decoder.ckpt`` (a stage 3 or stage 4 checkpoint), the
+            GenEval-style sets' codes are also decoded by that diffusion decoder and scored beside the VQ decoder
+            (folders ``<set>_diffusion/``, results keys ``<set>_diffusion``): two decoders on the same samples.
         seed: sample i uses seed + i unless its record sets one.
         batch_size: samples decoded together (x2 rows with guidance).
         geneval: generate the held-out GenEval-style set (off: run it in another process).
@@ -107,14 +111,23 @@ def shapes(
         if world is None or out is None:
             print("eval shapes: with --ckpt, give --world and --out", file=sys.stderr)
             return 2
-        from lit_star.commands.options import load_model
+        from lit_star.commands.options import load_model, load_pixel_decoder
         from lit_star.eval.shapes import evaluate_on_shapes
 
         try:
+            star = load_model(ckpt, model)
+            also_render = None
+            diffusion = load_pixel_decoder(decoder, star, model, edit=False)
+            if diffusion is not None:
+                from lit_star.sampling.diffusion import diffusion_renderer
+
+                also_render = {"diffusion": diffusion_renderer(diffusion.decoder, diffusion.scheduler, star.vq,
+                                                               diffusion.size, diffusion.settings)}
             evaluate_on_shapes(
-                load_model(ckpt, model), world, out, sampler, decode, batch_size, seed, edits=edits, knowledge=knowledge,
+                star, world, out, sampler, decode, batch_size, seed, edits=edits, knowledge=knowledge,
                 per_category=per_category, seen_combinations=seen_combinations, seen_riddles=seen_riddles,
                 geneval=geneval, seen=seen, development=development, reasoning_suffix=reasoning_suffix,
+                also_render=also_render,
             )
         except (FileNotFoundError, ValueError) as err:
             print(f"eval shapes: {err}", file=sys.stderr)

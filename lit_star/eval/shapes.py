@@ -108,11 +108,16 @@ def limit_per_category(records: list[dict], limit: int | None) -> list[dict]:
     return kept
 
 
-def _generate_and_score(star, records, out, sampler, options, batch_size, seed, reasoning_suffix: str | None):
-    """Draw ``records`` (with implicit reasoning when ``reasoning_suffix`` is not None) and score them."""
+def _generate_and_score(star, records, out, sampler, options, batch_size, seed, reasoning_suffix: str | None,
+                        also_render=None):
+    """Draw ``records`` (with implicit reasoning when ``reasoning_suffix`` is not None) and score them; with
+    ``also_render`` (name -> renderer) the same codes are also decoded by each renderer into ``OUT_<name>``,
+    scored too: returns (rows, scores, {name: scores})."""
     records = assign_ids_and_seeds(records, seed)
-    rows = write_generations(star, records, out, sampler, options, batch_size, reasoning_suffix=reasoning_suffix)
-    return rows, score_geneval(records, out)
+    rows = write_generations(star, records, out, sampler, options, batch_size, reasoning_suffix=reasoning_suffix,
+                             also_render=also_render)
+    others = {name: score_geneval(records, Path(out).with_name(f"{Path(out).name}_{name}")) for name in also_render or {}}
+    return rows, score_geneval(records, out), others
 
 
 # The world's GenEval-style sets: results key, file stem under eval/, what the printed table calls it.
@@ -182,6 +187,7 @@ def evaluate_on_shapes(
     seen: bool = True,
     development: bool = False,
     reasoning_suffix: str | None = None,
+    also_render: dict | None = None,
     log=print,
 ) -> dict:
     """Generate and score the world's eval sets; returns (and writes) ``results.json``'s content.
@@ -196,7 +202,9 @@ def evaluate_on_shapes(
     on which sampler settings may be chosen. Turning sets off lets two processes share them (decoding one
     code at a time, a CPU process gains nothing from a second thread; a second process does).
     ``reasoning_suffix`` is appended to the base's answer in reasoning mode; None takes the checkpoint's
-    (:func:`reasoning_suffix_of`).
+    (:func:`reasoning_suffix_of`). ``also_render`` (name -> ``render(codes, prompts, seeds)``) decodes the
+    GenEval-style sets' codes a second way too, e.g. ``{"diffusion": ...}`` for a stage 3/4 decoder: each set's
+    ``<set>_<name>/`` images and ``results[<set>_<name>]`` scores sit beside the VQ decoder's, on the same samples.
     """
     if not (geneval or seen or development or seen_combinations or knowledge or seen_riddles or edits):
         raise ValueError("evaluate_on_shapes: no set selected (geneval, seen, development, seen_combinations, "
@@ -215,9 +223,14 @@ def evaluate_on_shapes(
     grids: list[str] = []
 
     def geneval_set(key: str, records: list[dict], folder: str, title: str) -> None:
-        _, results[key] = _generate_and_score(star, records, out / folder, sampler, options, batch_size, seed, None)
+        _, results[key], others = _generate_and_score(star, records, out / folder, sampler, options, batch_size, seed,
+                                                      None, also_render)
         grids.extend(write_category_grids(records, out / folder, out / "grids", folder))
         log(f"{title}:\n" + format_table(results[key]))
+        for name, scores in others.items():
+            results[f"{key}_{name}"] = scores
+            grids.extend(write_category_grids(records, out / f"{folder}_{name}", out / "grids", f"{folder}_{name}"))
+            log(f"{title}, decoded by the {name} decoder:\n" + format_table(scores))
 
     for key in chosen:
         stem, title = GENEVAL_SETS[key]
@@ -229,9 +242,9 @@ def evaluate_on_shapes(
 
     def riddles(records: list[dict], name: str, answers_prefix: str, title: str) -> None:
         """Draw ``records`` from the riddle text and, with implicit reasoning, from the base's answer."""
-        _, results[f"{name}_without_reasoning"] = _generate_and_score(
+        _, results[f"{name}_without_reasoning"], _ = _generate_and_score(
             star, records, out / f"{name}_plain", sampler, options, batch_size, seed, None)
-        rows, results[f"{name}_with_reasoning"] = _generate_and_score(
+        rows, results[f"{name}_with_reasoning"], _ = _generate_and_score(
             star, records, out / f"{name}_reasoning", sampler, options, batch_size, seed, suffix)
         answers = {row["id"]: row["answer"] for row in rows}
         correct = [answers[r["id"]].strip() == r["caption"] for r in records]

@@ -7,7 +7,7 @@ one come from the same code path.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -87,6 +87,7 @@ def write_generations(
     max_answer_tokens: int = REFERENCE_MAX_ANSWER_TOKENS,
     extra_settings: dict | None = None,
     render: Callable[[object, list[str], list[int]], list[Image.Image]] | None = None,
+    also_render: Mapping[str, Callable[[object, list[str], list[int]], list[Image.Image]]] | None = None,
 ) -> list[dict]:
     """Generate ``OUT/<id>.png`` for records carrying ``prompt``, ``id`` and ``seed`` (see
     :func:`assign_ids_and_seeds`) and log each, with the settings, to ``OUT/generations.jsonl``.
@@ -94,10 +95,14 @@ def write_generations(
     ``reasoning_suffix`` not None switches on implicit reasoning (the base answers first). Returns the
     logged rows (also what ``eval shapes --ckpt`` can score from). ``render(codes, prompts, seeds)`` turns
     the codes into images (default: the stage 2 VQ's decoder; :func:`lit_star.sampling.diffusion.diffusion_renderer`
-    for the stage 3 decoder).
+    for the stage 3 decoder). ``also_render`` maps a name to a second renderer of the same codes, whose images go
+    to ``OUT_<name>/<id>.png``: two decoders compared on the very samples the stack drew.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    also_render = dict(also_render or {})
+    for name in also_render:
+        out.with_name(f"{out.name}_{name}").mkdir(parents=True, exist_ok=True)
     reasoning = reasoning_suffix is not None
     settings = {**sampler.as_dict(), **(extra_settings or {}), "image_size": star.image_size, "reasoning": reasoning}
     if reasoning:
@@ -118,6 +123,8 @@ def write_generations(
                 codes = generate_codes(star, prompts, sampler, seeds, options, progress)
             images = codes_to_images(star.vq, codes) if render is None else render(codes, prompts, seeds)
             files = save_images(images, [r["id"] for r in batch], out)
+            for name, other in also_render.items():
+                save_images(other(codes, prompts, seeds), [r["id"] for r in batch], out.with_name(f"{out.name}_{name}"))
             for record, file, more in zip(batch, files, extra):
                 rows.append({**record, **more, "image": file, "settings": settings})
                 log.write(json.dumps(rows[-1]) + "\n")

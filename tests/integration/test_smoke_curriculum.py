@@ -1,4 +1,4 @@
-"""The smoke curriculum end to end: every stage hands the next what it needs; a rerun resumes (~2 min)."""
+"""The four-stage smoke curriculum end to end: every stage hands the next what it needs; a rerun resumes (~4 min)."""
 
 import json
 import os
@@ -54,6 +54,19 @@ def test_smoke_curriculum_runs_end_to_end_and_resumes(smoke_curriculum):
     assert binding["images"] >= 1 and f"| colour | 0.10 | {binding['colour']:.3f} |" in report
     assert all(Path(grid).is_file() for grid in held_out["grids"] + seen["grids"])
     assert all(f"![{Path(grid).stem}]" in report for grid in held_out["grids"] + seen["grids"])
+
+    # Stages 3 and 4: the stage 4 stack's samples decoded by both decoders, the edit set, understanding after.
+    stage4 = json.loads((run / "eval/stage4_seen/results.json").read_text())
+    assert {"geneval_seen", "geneval_seen_diffusion"} <= set(stage4) and "edit" not in stage4
+    ids = {p.name for p in (run / "eval/stage4_seen/geneval_seen").glob("*.png")}
+    assert ids and ids == {p.name for p in (run / "eval/stage4_seen/geneval_seen_diffusion").glob("*.png")}
+    edits = json.loads((run / "eval/stage4_edit/results.json").read_text())
+    assert set(edits["edit"]["categories"]) and "geneval_seen" not in edits
+    after4 = json.loads((run / "eval/understanding_after_stage4.json").read_text())
+    assert after4["answers"] == before["answers"], "stage 4 changed the base's answers"
+    assert "## Stage 4: stack and diffusion decoder tuned together" in report and "after stage 4: **True**" in report
+    assert "| stage 2 stack, VQ decoder | stage 4 stack, VQ decoder | stage 4 stack, diffusion decoder |" in report
+    assert "| edits after stage 4 |" in report and "| stage4_unified |" in report
 
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
