@@ -297,7 +297,8 @@ def _stage2_from_lightning_checkpoint(path: Path, base, vq, vq_flavour, checkpoi
         or checkpoint.get("datamodule_hyper_parameters", {}).get("resolution")
     )
     suffix = config.get("reasoning_suffix")
-    return Stage2Weights(model, vq_model, base_path, recorded_size, REFERENCE_REASONING_SUFFIX if suffix is None else suffix,
+    return Stage2Weights(model, vq_model, base_path, recorded_size,
+                         REFERENCE_REASONING_SUFFIX if suffix is None else suffix,
                          recorded_edit_vit_limits(path, checkpoint))
 
 

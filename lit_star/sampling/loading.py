@@ -63,5 +63,6 @@ def load_star(
     vq_model = vq_model.to(device).eval()
     layout = SequenceLayout(processor.tokenizer, model.base.config)
     # an edit's source reaches the ViT under the limits the stack was trained with
-    return Star(model=model, vq=vq_model, processor=processor, layout=layout, image_size=None if size is None else int(size),
-                reasoning_suffix=weights.reasoning_suffix, edit_vit_limits=weights.edit_vit_limits)
+    return Star(model=model, vq=vq_model, processor=processor, layout=layout,
+                image_size=None if size is None else int(size), reasoning_suffix=weights.reasoning_suffix,
+                edit_vit_limits=weights.edit_vit_limits)

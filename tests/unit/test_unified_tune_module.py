@@ -119,11 +119,11 @@ def test_load_star_samples_edits_under_the_edit_vit_limits_the_checkpoint_traine
     assert star.edit_vit_limits == trained
     source = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     training = module.autoregressive.edit_sources(source[None], vq_size=32)[0]
-    training_grid = training.image_grid_thw
     sampled = encode_source_image(star, tensor_to_image(source))
-    assert torch.equal(sampled.image_grid_thw, training_grid) and torch.equal(sampled.pixel_values, training.pixel_values)
-    default_grid = encode_source_image(replace(star, edit_vit_limits=VitPixelLimits()), tensor_to_image(source)).image_grid_thw
-    assert not torch.equal(default_grid, training_grid), "the limits chosen must change the ViT grid"
+    assert torch.equal(sampled.image_grid_thw, training.image_grid_thw)
+    assert torch.equal(sampled.pixel_values, training.pixel_values)
+    default = encode_source_image(replace(star, edit_vit_limits=VitPixelLimits()), tensor_to_image(source))
+    assert not torch.equal(default.image_grid_thw, training.image_grid_thw), "the limits chosen must change the grid"
 
     # a stage 4 checkpoint written before the limits were recorded loads with the default, as before
     del checkpoint[STAGE4_CONFIG_KEY]["edit_vit_limits"]
