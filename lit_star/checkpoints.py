@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from lit_star.models.base_vlm import load_base_vlm
+from lit_star.models.edit_source import VitPixelLimits
 from lit_star.models.reference_format import (
     KeyMismatchError,
     base_differences,
@@ -165,6 +166,34 @@ class Stage2Weights:
     image_size: int | None
     # appended to the base's answer in reasoning mode: what the stack's training captions end with
     reasoning_suffix: str = REFERENCE_REASONING_SUFFIX
+    # the ViT limits of an edit's source image the stack was configured (stage 4: trained) with; unset fields, and
+    # every field of a checkpoint that records none, are the base's default (edit_source.default_vit_limits)
+    edit_vit_limits: VitPixelLimits = field(default_factory=VitPixelLimits)
+
+
+# StackedARModule's hyper-parameters of the edit ViT limits, by VitPixelLimits field.
+EDIT_VIT_LIMIT_HPARAMS = {"min_pixels": "edit_vit_min_pixels", "max_pixels": "edit_vit_max_pixels",
+                          "min_side": "edit_min_image_side"}
+
+
+def recorded_edit_vit_limits(path: Path, checkpoint: dict) -> VitPixelLimits:
+    """The edit ViT limits a Lightning checkpoint records: a stage 4 checkpoint's ``edit_vit_limits`` in its
+    ``unified_tune_config``, else a ``StackedARModule``'s ``edit_vit_*`` hyper-parameters; unset when neither is
+    there (checkpoints written before either existed)."""
+    if _is_stage4(checkpoint) and "edit_vit_limits" in checkpoint[STAGE4_CONFIG_KEY]:
+        key = f"{STAGE4_CONFIG_KEY}.edit_vit_limits"
+        recorded = dict(checkpoint[STAGE4_CONFIG_KEY]["edit_vit_limits"])
+    else:
+        key = "hyper_parameters.edit_vit_*"
+        hparams = checkpoint.get("hyper_parameters") or {}
+        recorded = {name: hparams.get(hparam) for name, hparam in EDIT_VIT_LIMIT_HPARAMS.items()}
+    unknown = sorted(set(recorded) - set(EDIT_VIT_LIMIT_HPARAMS))
+    if unknown:
+        raise KeyError(f"{path}: {key} has unknown fields {unknown} (expected {sorted(EDIT_VIT_LIMIT_HPARAMS)})")
+    try:
+        return VitPixelLimits(**recorded)
+    except ValueError as error:
+        raise ValueError(f"{path}: {key}: {error}") from None
 
 
 # MM-MVR/STAR generates at --vq-image-size 384 (24 x 24 codes of a 16x VQ).
@@ -268,7 +297,9 @@ def _stage2_from_lightning_checkpoint(path: Path, base, vq, vq_flavour, checkpoi
         or checkpoint.get("datamodule_hyper_parameters", {}).get("resolution")
     )
     suffix = config.get("reasoning_suffix")
-    return Stage2Weights(model, vq_model, base_path, recorded_size, REFERENCE_REASONING_SUFFIX if suffix is None else suffix)
+    return Stage2Weights(model, vq_model, base_path, recorded_size,
+                         REFERENCE_REASONING_SUFFIX if suffix is None else suffix,
+                         recorded_edit_vit_limits(path, checkpoint))
 
 
 # ---- the released STAR checkpoints (reference layout) -------------------------------------------

@@ -13,6 +13,10 @@ Both are read by :func:`lit_star.checkpoints.load_stage2`; this module adds the 
 The code grid follows from the image size the stack was trained at: given explicitly, or recorded
 (``image_size`` in ``stacked_ar.json`` or the module's hyper-parameters, the datamodule's ``resolution``),
 or 384 for an ``import-reference`` directory (the released models' VQ resolution).
+
+An edit's source image reaches the ViT under the limits the checkpoint records (a stage 4 checkpoint's
+``unified_tune_config.edit_vit_limits``, a stage 2 module's ``edit_vit_*`` hyper-parameters); a directory or a
+checkpoint that records none gets the base's default, the reference's limits for a Qwen2.5-VL base.
 """
 
 from __future__ import annotations
@@ -58,5 +62,7 @@ def load_star(
             trainable.to(stack_dtype)
     vq_model = vq_model.to(device).eval()
     layout = SequenceLayout(processor.tokenizer, model.base.config)
-    return Star(model=model, vq=vq_model, processor=processor, layout=layout, image_size=None if size is None else int(size),
-                reasoning_suffix=weights.reasoning_suffix)
+    # an edit's source reaches the ViT under the limits the stack was trained with
+    return Star(model=model, vq=vq_model, processor=processor, layout=layout,
+                image_size=None if size is None else int(size), reasoning_suffix=weights.reasoning_suffix,
+                edit_vit_limits=weights.edit_vit_limits)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import lightning as L
 import pytest
 import torch
@@ -85,3 +87,53 @@ def test_edit_batch_trains_on_target_codes_only_with_the_samplers_source_encodin
     sequences = ar.layout_edit_batch(batch, target, sources, cfg_dropout=False)
     labelled = sequences.labels[sequences.labels != IGNORE_INDEX]
     assert torch.equal(labelled, target.reshape(-1)), "loss only on the target codes"
+
+
+def _saved_lightning_checkpoint(module, path):
+    """What Trainer.save_checkpoint writes of ``module`` (hyper-parameters, state_dict, the module's own entries)."""
+    checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return checkpoint
+
+
+def test_load_star_samples_edits_under_the_edit_vit_limits_the_checkpoint_trained_with(frozen_dirs, tmp_path):
+    from lit_star.checkpoints import STAGE4_CONFIG_KEY
+    from lit_star.models.edit_source import VitPixelLimits, merged_patch, tensor_to_image
+    from lit_star.sampling.loading import load_star
+    from lit_star.sampling.modes import encode_source_image
+
+    base, vq = frozen_dirs
+    module = make_module(frozen_dirs)
+    factor = merged_patch(module.autoregressive.image_processor)
+    # 2 x 2 vision tokens for any source: a grid the base's default limits do not give a 32 px image
+    trained = VitPixelLimits(min_pixels=4 * factor * factor, max_pixels=4 * factor * factor, min_side=factor)
+    stack = StackedARModule(base_path=str(base), vq_path=str(vq), num_stack_layers=1, adapter_depth=2,
+                            loss_chunk_size=48, log_images=0, edit_vit_min_pixels=trained.min_pixels,
+                            edit_vit_max_pixels=trained.max_pixels, edit_min_image_side=trained.min_side)
+    module = UnifiedTuneModule(stack, module.diffusion)
+    module.configure_model()
+    checkpoint = _saved_lightning_checkpoint(module, tmp_path / "stage4.ckpt")
+
+    star = load_star(tmp_path / "stage4.ckpt", image_size=32)
+    assert star.edit_vit_limits == trained
+    source = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    training = module.autoregressive.edit_sources(source[None], vq_size=32)[0]
+    sampled = encode_source_image(star, tensor_to_image(source))
+    assert torch.equal(sampled.image_grid_thw, training.image_grid_thw)
+    assert torch.equal(sampled.pixel_values, training.pixel_values)
+    default = encode_source_image(replace(star, edit_vit_limits=VitPixelLimits()), tensor_to_image(source))
+    assert not torch.equal(default.image_grid_thw, training.image_grid_thw), "the limits chosen must change the grid"
+
+    # a stage 4 checkpoint written before the limits were recorded loads with the default, as before
+    del checkpoint[STAGE4_CONFIG_KEY]["edit_vit_limits"]
+    torch.save(checkpoint, tmp_path / "old_stage4.ckpt")
+    assert load_star(tmp_path / "old_stage4.ckpt").edit_vit_limits == VitPixelLimits()
+    checkpoint[STAGE4_CONFIG_KEY]["edit_vit_limits"] = {"max_pixel": 64}
+    torch.save(checkpoint, tmp_path / "bad_stage4.ckpt")
+    with pytest.raises(KeyError, match="edit_vit_limits has unknown fields \\['max_pixel'\\]"):
+        load_star(tmp_path / "bad_stage4.ckpt")
+
+    # a stage 2 checkpoint: its module's edit_vit_* hyper-parameters
+    _saved_lightning_checkpoint(stack, tmp_path / "stage2.ckpt")
+    assert load_star(tmp_path / "stage2.ckpt").edit_vit_limits == trained
