@@ -3,6 +3,8 @@
     python -m lit_star eval shapes --prompts runs/shapes_world/eval/geneval.jsonl --images runs/shapes_world/eval/geneval_gt
     python -m lit_star eval shapes --ckpt runs/shapes/stage2_stacked_ar/checkpoints/last.ckpt --world runs/shapes_world \
         --out runs/shapes/eval --sampler.cfg_scale 4 --sampler.top_k 16 --sampler.top_p 1.0
+    python -m lit_star eval shapes --ckpt runs/shapes/stage4_unified/checkpoints/last.ckpt --world runs/shapes_world \
+        --out runs/shapes/eval_stage4 --decoder.kind diffusion --decoder.ckpt runs/shapes/stage4_unified/checkpoints/last.ckpt
     python -m lit_star eval shapes --vq runs/shapes/stage1_vq/checkpoints/last.ckpt --world runs/shapes_world
     python -m lit_star eval understanding --base runs/shapes/stage0_base/hf --world runs/shapes_world
     python -m lit_star eval binding --ckpt runs/shapes/stage2_stacked_ar/checkpoints/last.ckpt \
