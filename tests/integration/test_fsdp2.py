@@ -78,17 +78,28 @@ def run_single_process(base: Path, vq: Path) -> list[float]:
     return recorder.losses
 
 
-def worker(base: Path, vq: Path, out: Path) -> None:
-    """Runs on every rank under torchrun."""
+def gloo_fsdp2_strategy():
+    """FSDP2 over WORLD_SIZE CPU processes (gloo), saving a distributed checkpoint."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    torch.set_num_threads(1)
+    return ModelParallelStrategy(data_parallel_size=WORLD_SIZE, tensor_parallel_size=1,
+                                 save_distributed_checkpoint=True,
+                                 process_group_backend="gloo")
 
-    def strategy():
-        return ModelParallelStrategy(
-            data_parallel_size=WORLD_SIZE, tensor_parallel_size=1, save_distributed_checkpoint=True,
-            process_group_backend="gloo",
-        )
+
+def run_workers(test_file: str, *args) -> None:
+    """Run ``test_file --worker ARGS`` on WORLD_SIZE ranks under torchrun, one thread each; fail with its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD_SIZE}",
+               test_file, "--worker", *map(str, args)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def worker(base: Path, vq: Path, out: Path) -> None:
+    """Runs on every rank under torchrun."""
+    torch.set_num_threads(1)
+    strategy = gloo_fsdp2_strategy
 
     def rank_loader():
         # Rank r reads samples r, r + 2, ...: each step's two micro-batches together are exactly the
@@ -122,11 +133,7 @@ def worker(base: Path, vq: Path, out: Path) -> None:
 @pytest.mark.distributed
 def test_fsdp2_two_processes_match_one_and_resume_from_distributed_checkpoint(tmp_path):
     base, vq = write_micro_base(tmp_path / "base"), write_small_vq(tmp_path / "vq")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD_SIZE}",
-               __file__, "--worker", str(base), str(vq), str(tmp_path)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    run_workers(__file__, base, vq, tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
 
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"

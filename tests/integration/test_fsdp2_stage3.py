@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from stage2_fixtures import TextToImageSamples, loader, write_small_vq  # noqa: E402
-from test_fsdp2 import LossRecorder  # noqa: E402
+from test_fsdp2 import LossRecorder, gloo_fsdp2_strategy, run_workers  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,13 +41,10 @@ def trainer_kwargs() -> dict:
 
 
 def worker(vq: Path, out: Path) -> None:
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
     torch.set_num_threads(1)
     samples = TextToImageSamples(SAMPLES)
     sampler = DistributedSampler(samples, num_replicas=WORLD_SIZE, rank=int(os.environ["RANK"]), shuffle=False)
-    strategy = ModelParallelStrategy(data_parallel_size=WORLD_SIZE, tensor_parallel_size=1,
-                                     save_distributed_checkpoint=True, process_group_backend="gloo")
+    strategy = gloo_fsdp2_strategy()
     recorder = LossRecorder()
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=STEPS)
     trainer = L.Trainer(devices=WORLD_SIZE, strategy=strategy, callbacks=[recorder, checkpoint], **trainer_kwargs())
@@ -64,11 +60,7 @@ def worker(vq: Path, out: Path) -> None:
 @pytest.mark.slow
 def test_fsdp2_two_processes_match_one(tmp_path):
     vq = write_small_vq(tmp_path / "vq")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD_SIZE}",
-               __file__, "--worker", str(vq), str(tmp_path)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    run_workers(__file__, vq, tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
     from torch.distributed.checkpoint import FileSystemReader
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from tests.integration.test_fsdp2 import LossRecorder
+from tests.integration.test_fsdp2 import LossRecorder, gloo_fsdp2_strategy, run_workers
 from tests.stage2_fixtures import CAPTIONS, IMAGE_SIZE, write_micro_base, write_small_vq
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,14 +108,11 @@ def sharding_report(module) -> dict:
 
 
 def worker(base: Path, vq: Path, out: Path) -> None:
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
     torch.set_num_threads(1)
     samples = TextToImageAndEditSamples()
     # Rank r reads samples r, r + 2, ...: a step's two micro-batches together are the single-process batch.
     sampler = DistributedSampler(samples, num_replicas=WORLD_SIZE, rank=int(os.environ["RANK"]), shuffle=False)
-    strategy = ModelParallelStrategy(data_parallel_size=WORLD_SIZE, tensor_parallel_size=1,
-                                     save_distributed_checkpoint=True, process_group_backend="gloo")
+    strategy = gloo_fsdp2_strategy()
     recorder = LossRecorder()
     # The save at the last step runs both models' frozen-weight checks (gathering the sharded base).
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=STEPS)
@@ -136,11 +131,7 @@ def worker(base: Path, vq: Path, out: Path) -> None:
 @pytest.mark.slow
 def test_fsdp2_stage4_two_processes_match_one(tmp_path):
     base, vq = write_micro_base(tmp_path / "base"), write_small_vq(tmp_path / "vq")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD_SIZE}",
-               __file__, "--worker", str(base), str(vq), str(tmp_path)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    run_workers(__file__, base, vq, tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
     sharded = torch.load(tmp_path / "weights.pt", weights_only=True)
 
