@@ -69,7 +69,9 @@ def check_existing(runs: list[Run], sweep: Sweep) -> None:
         then = [("fit", recorded.get("fit_argv"))] + [(s["name"], s["fit_argv"]) for s in recorded.get("stages", [])]
         now = [("fit", run.fit_argv)] + [(s["name"], s["fit_argv"]) for s in run.stages]
         if then != now:
-            show = lambda steps: "; ".join(f"{name}: {' '.join(argv or [])}" for name, argv in steps)  # noqa: E731
+            def show(steps: list) -> str:
+                return "; ".join(f"{name}: {' '.join(argv or [])}" for name, argv in steps)
+
             raise SweepError(f"{sweep.path}: point {run.point!r} seed {run.seed}: {run.run_dir} holds a run made "
                              f"with other fit arguments\n  then: {show(then)}\n  now:  "
                              f"{show(now)}\nuse another --out (or runs_dir), or delete that directory")
