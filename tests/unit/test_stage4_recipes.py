@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
 STAGE4 = RECIPES / "stage4_unified"
 SHAPES4 = RECIPES / "shapes" / "stage4_unified.yaml"
+SHAPES4_JOINT = RECIPES / "shapes" / "stage4_joint_from_scratch.yaml"
 CPU = ("--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
        "--trainer.precision", "32-true")
 # Stage 2 / 3 arguments that only their own optimisation or validation read; stage 4 has its own.
@@ -235,11 +236,12 @@ def _prefixed(state: dict, prefix: str) -> dict:
 @pytest.mark.parametrize("joint", [False, True], ids=["from_stage2_and_3", "joint_from_scratch"])
 def test_shapes_recipe_trains_both_kinds_validates_and_saves(joint, shapes_env, tmp_path):
     runs, _, tiny = shapes_env
-    joint_args = ("--model.init_args.init_stack_from", "null", "--model.init_args.init_decoder_from", "null")
-    cli = parse(SHAPES4, tiny, overrides=(*(joint_args if joint else ()), "--trainer.max_steps", "4",
-                                          "--trainer.val_check_interval", "4"))
+    configs = (SHAPES4, SHAPES4_JOINT, tiny) if joint else (SHAPES4, tiny)
+    cli = parse(*configs, overrides=("--trainer.max_steps", "4", "--trainer.val_check_interval", "4"))
     module = cli.model
-    assert Path(cli.trainer.default_root_dir) == runs / "stage4_unified"
+    run_dir = runs / ("stage4_joint_from_scratch" if joint else "stage4_unified")
+    assert Path(cli.trainer.default_root_dir) == run_dir
+    assert (module.hparams.init_stack_from is None, module.hparams.init_decoder_from is None) == (joint, joint)
     assert module.autoregressive.hparams.base_path == str(runs / "stage0_base" / "hf")
     module.configure_model()
     stage2 = torch.load(runs / "stage2_stacked_ar" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
@@ -261,7 +263,7 @@ def test_shapes_recipe_trains_both_kinds_validates_and_saves(joint, shapes_env, 
     after = module.state_dict()
     assert {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])} == {"autoregressive",
                                                                                           "diffusion"}
-    loaded = load_stage4(runs / "stage4_unified" / "checkpoints" / "last.ckpt")
+    loaded = load_stage4(run_dir / "checkpoints" / "last.ckpt")
     assert loaded.stage3.vq is loaded.stage2.vq
 
 
@@ -323,3 +325,4 @@ def test_generate_and_edit_draw_with_a_stage4_checkpoints_stack_and_decoder(shap
     source.write_bytes(_png(np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)))
     assert edit(str(ckpt), str(source), "make it red", str(tmp_path / "edits"), sampler=sampler, decoder=decoder) == 0
     assert Image.open(tmp_path / "edits" / "edit_0.png").size == (IMAGE_SIZE, IMAGE_SIZE)
+
