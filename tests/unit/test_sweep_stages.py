@@ -183,3 +183,43 @@ def test_other_ranks_train_every_stage_and_the_fit(tmp_path, monkeypatch):
     assert RunJob(staged, lit_star=fake)() == {"state": "done", "rank": 1}
     assert _roots(staged) == [s["run_dir"] for s in staged.stages] + [staged.run_dir]
     assert read_status(staged.run_dir) == {}, "only rank 0 records or evaluates"
+
+
+# Seconds per training step on one thread, measured for the Table 11 sweep (docs/ablations.md, "Table 11").
+TABLE_11_SECONDS_PER_STEP = {"stage2": 1.29, "stage3": 0.36, "stage4": 1.17}
+
+
+def test_table_11_sweep_compares_the_curriculum_with_one_joint_fit_at_equal_compute(tmp_path, capsys):
+    repo = Path(__file__).resolve().parents[2]
+    sweep = load_sweep(str(repo / "recipes/sweeps/shapes_11_joint_vs_staged.yaml"))
+    staged, joint = expand_runs(sweep, tmp_path / "out")[:2]
+    assert (staged.point, joint.point) == ("staged", "joint") and joint.stages == []
+    # each stage is its own recipe, first on its argv (fit --config RECIPE ...)
+    assert [(s["name"], Path(s["fit_argv"][2]).name) for s in staged.stages] == [
+        ("stage2", "stage2_stacked_ar.yaml"), ("stage3", "stage3_diffusion_decoder.yaml")]
+    # the staged stage 4 starts from its own stages, never from SHAPES_RUNS' stage 2 / 3 runs
+    for key, stage in (("init_stack_from", "stage2"), ("init_decoder_from", "stage3")):
+        assert _argv_value(staged.fit_argv, f"--model.init_args.{key}") == f"{staged.run_dir}/{stage}/checkpoints/last.ckpt"
+        assert f"--model.init_args.{key}" not in joint.fit_argv
+    assert "recipes/shapes/stage4_joint_from_scratch.yaml" in joint.fit_argv
+    assert staged.evals == [{**e, "argv": [a.replace(joint.run_dir, staged.run_dir) for a in e["argv"]],
+                             "output": e["output"].replace(joint.run_dir, staged.run_dir)} for e in joint.evals]
+
+    def steps(argv: list[str]) -> int:
+        return int(_argv_value(argv, "--trainer.max_steps"))
+
+    cost = TABLE_11_SECONDS_PER_STEP
+    staged_seconds = sum(steps(s["fit_argv"]) * cost[s["name"]] for s in staged.stages) \
+        + steps(staged.fit_argv) * cost["stage4"]
+    joint_seconds = steps(joint.fit_argv) * cost["stage4"]
+    assert abs(joint_seconds / staged_seconds - 1) < 0.03, (staged_seconds, joint_seconds)
+
+    # every fit of both files through LightningCLI's parser (nothing built), as `sweep run` does first
+    assert cli(["sweep", "run", str(repo / "recipes/sweeps/shapes_11_joint_vs_staged.yaml"), "--dry_run", "true",
+                "--out", str(tmp_path / "shapes")]) == 0
+    printed = capsys.readouterr().out
+    assert "4 run(s) of 2 point(s) x 2 seed(s): fit arguments checked" in printed
+    assert cli(["sweep", "run", str(repo / "recipes/sweeps/star3b_11_joint_vs_staged.yaml"), "--launcher", "slurm",
+                "--dry_run", "true", "--out", str(tmp_path / "star3b")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("stage2_stacked_ar/star_3b.yaml") == 1 and "--trainer.num_nodes 8" in printed
