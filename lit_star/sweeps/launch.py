@@ -1,8 +1,9 @@
 """Launching a sweep's runs through submitit, locally or on SLURM, resumably, one failure at a time.
 
-Each run is one :class:`RunJob`: inside a submitit job it runs ``python -m lit_star fit ...`` (with
-``--ckpt_path last`` when the run directory already holds a ``last.ckpt``), then each eval step, every
-one as a subprocess whose output goes to ``<run_dir>/logs/<step>.log``. What happened is kept in
+Each run is one :class:`RunJob`: inside a submitit job it runs the point's stages (earlier fits, each in
+``<run_dir>/<stage>``), then ``python -m lit_star fit ...`` (each fit with ``--ckpt_path last`` when its
+directory already holds a ``last.ckpt``), then each eval step, every one as a subprocess whose output goes
+to ``<run_dir>/logs/<step>.log``. What happened is kept in
 ``<run_dir>/sweep/status.json`` (state, times, each step's return code and log) and one marker per
 finished step in ``<run_dir>/sweep/done/``, so a rerun of ``sweep run`` skips finished runs and steps.
 
@@ -66,8 +67,8 @@ def step_done(run_dir: str | Path, step: str) -> bool:
 
 
 def run_finished(run: Run) -> bool:
-    """Fit and every eval marked done, and each eval's declared output present."""
-    if not step_done(run.run_dir, "fit"):
+    """Stages, fit and every eval marked done, and each eval's declared output present."""
+    if not all(step_done(run.run_dir, name) for name in ["fit", *(s["name"] for s in run.stages)]):
         return False
     return all(step_done(run.run_dir, e["name"]) and (not e.get("output") or Path(e["output"]).exists())
                for e in run.evals)
@@ -91,10 +92,21 @@ def _rank() -> int:
 
 def fit_command(run: Run) -> list[str]:
     """The fit argv of ``run`` now: with ``--ckpt_path last`` once a ``last.ckpt`` exists (resume)."""
-    argv = list(run.fit_argv)
-    if (Path(run.run_dir) / "checkpoints" / "last.ckpt").exists() and "--ckpt_path" not in argv:
+    return resumed(run.fit_argv, run.run_dir)
+
+
+def resumed(fit_argv: list[str], root: str | Path) -> list[str]:
+    """``fit_argv`` (a fit in ``root``) with ``--ckpt_path last`` once ``root`` holds a ``last.ckpt``."""
+    argv = list(fit_argv)
+    if (Path(root) / "checkpoints" / "last.ckpt").exists() and "--ckpt_path" not in argv:
         argv += ["--ckpt_path", "last"]
     return argv
+
+
+def _fits(run: Run) -> list[tuple[str, list[str], str]]:
+    """(step name, argv now, directory) of each fit of ``run`` in order: its stages, then its own fit."""
+    return [(s["name"], resumed(s["fit_argv"], s["run_dir"]), s["run_dir"]) for s in run.stages] + \
+        [("fit", fit_command(run), run.run_dir)]
 
 
 def fit_incomplete(run_dir: str | Path) -> str | None:
@@ -170,11 +182,13 @@ class RunJob(_Checkpointable):
         run, rank = self.run, _rank()
         run_dir = Path(run.run_dir)
         if rank != 0:
-            # Another task of a multi-GPU job: train (Lightning reads its rank from SLURM), nothing else.
-            if not step_done(run_dir, "fit"):
-                code, _, _ = self._step(f"fit.rank{rank}", fit_command(run), for_eval=False)
-                if code:
-                    raise RuntimeError(f"fit failed on rank {rank} (exit {code})")
+            # Another task of a multi-GPU job: train every fit (Lightning reads its rank from SLURM), nothing else.
+            # Rank 0 marks a fit done only after it ends, which needs every rank, so the markers agree here.
+            for name, argv, _ in _fits(run):
+                if not step_done(run_dir, name):
+                    code, _, _ = self._step(f"{name}.rank{rank}", argv, for_eval=False)
+                    if code:
+                        raise RuntimeError(f"{name} failed on rank {rank} (exit {code})")
             return {"state": "done", "rank": rank}
         status = read_status(run_dir)
         steps = status.get("steps", {})
@@ -184,28 +198,29 @@ class RunJob(_Checkpointable):
                       job_id=os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"),
                       attempts=status.get("attempts", 0) + 1, steps=steps)
         write_status(run_dir, status)
-        plan = [("fit", None, False)] + [(e["name"], e, True) for e in run.evals]
+        # (name, argv, the fit's directory or None for an eval, the eval's declared output)
+        plan = [(name, argv, root, None) for name, argv, root in _fits(run)] + \
+            [(e["name"], e["argv"], None, e.get("output")) for e in run.evals]
         try:
-            for name, spec, for_eval in plan:
-                if step_done(run_dir, name) and (spec is None or not spec.get("output")
-                                                 or Path(spec["output"]).exists()):
+            for name, argv, fit_root, output in plan:
+                for_eval = fit_root is None
+                if step_done(run_dir, name) and (not output or Path(output).exists()):
                     continue
-                argv = fit_command(run) if spec is None else spec["argv"]
-                if spec is not None and spec.get("output"):
+                if output:
                     # not every job makes its --out's folder (eval binding does not)
-                    Path(spec["output"]).parent.mkdir(parents=True, exist_ok=True)
+                    Path(output).parent.mkdir(parents=True, exist_ok=True)
                 steps[name] = {"state": "running", "started_at": time.time(), "argv": argv}
                 _update_status(run_dir, steps=steps)
                 code, seconds, log = self._step(name, argv, for_eval)
                 steps[name].update(state="done" if code == 0 else "failed", returncode=code, seconds=round(seconds, 1),
                                    log=str(log))
                 state = "failed"
-                if code == 0 and spec is not None and spec.get("output") and not Path(spec["output"]).exists():
+                if code == 0 and output and not Path(output).exists():
                     code = -1
                     steps[name].update(state="failed", returncode=None)
-                    error = f"{name}: exited 0 but did not write its output {spec['output']}"
-                elif code == 0 and spec is None and (why := fit_incomplete(run_dir)):
-                    code, state, error = -1, "interrupted", f"fit: {why}; rerun to resume"
+                    error = f"{name}: exited 0 but did not write its output {output}"
+                elif code == 0 and not for_eval and (why := fit_incomplete(fit_root)):
+                    code, state, error = -1, "interrupted", f"{name}: {why}; rerun to resume"
                     steps[name].update(state=state)
                 elif code < 0:  # killed by a signal: resumable, not a bug in the run
                     state, error = "interrupted", f"{name} killed by signal {-code}; log {log}"
@@ -232,7 +247,8 @@ def describe(run: Run, threads: int | None = None, python: str = "python") -> st
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in run.env.items())
     env = (env + " " if env else "") + (f"OMP_NUM_THREADS={threads} " if threads else "")
     lines = [f"# {run.point} seed {run.seed} -> {run.run_dir}" + ("  (done, skipped)" if run_finished(run) else "")]
-    lines.append(f"{env}{python} -m lit_star {shlex.join(fit_command(run))}")
+    for _, argv, _ in _fits(run):
+        lines.append(f"{env}{python} -m lit_star {shlex.join(argv)}")
     for step in run.evals:
         lines.append(f"{env}{python} -m lit_star {shlex.join(step['argv'])}")
     return "\n".join(lines)
@@ -306,7 +322,7 @@ def run_local(runs: list[Run], sweep_dir: str | Path, max_parallel: int = 1, thr
                 slot, run = free.pop(0), pending.pop(0)
                 executor.update_parameters(timeout_min=timeout_min, gpus_per_node=gpus_per_run,
                                            visible_gpus=slots[slot], tasks_per_node=1)
-                resume = " (resuming from last.ckpt)" if "--ckpt_path" in fit_command(run) else ""
+                resume = " (resuming from last.ckpt)" if any("--ckpt_path" in argv for _, argv, _ in _fits(run)) else ""
                 job = executor.submit(RunJob(run, per_run_threads, lit_star=lit_star))
                 log(f"[sweep] {run.point} seed {run.seed}: started{resume}, {per_run_threads} thread(s)"
                     + (f", GPUs {slots[slot]}" if slots[slot] else "") + f", logs {run.run_dir}/logs")

@@ -3,7 +3,9 @@
 A sweep file (``recipes/sweeps/*.yaml``) names the base ``configs`` of ``python -m lit_star fit``, a
 ``grid`` (the product of its axes) and/or a list of ``points``, the ``seeds``, the ``evals`` to run after
 each fit and the ``metrics`` to collect. Every (point, seed) pair is one *run*, trained in its own
-directory ``<sweep dir>/<point name>/seed<S>`` (``trainer.default_root_dir``). See docs/sweeps.md.
+directory ``<sweep dir>/<point name>/seed<S>`` (``trainer.default_root_dir``). A point may also list
+``stages``: earlier fits of its own (a curriculum's stages), run in order before its fit, each in
+``<run dir>/<stage name>``. See docs/sweeps.md.
 
 Interpolation: the file is resolved with OmegaConf once per run, with ``${run_dir}``, ``${seed}``,
 ``${point}`` and ``${sweep_dir}`` defined (and ``${oc.env:VAR,default}``), so an eval's argv can name its
@@ -26,7 +28,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 TOP_LEVEL_KEYS = {"name", "description", "sweep_dir", "runs_dir", "configs", "overrides", "env", "grid", "points", "seeds",
                   "evals", "metrics", "baseline", "local", "slurm"}
-POINT_KEYS = {"name", "configs", "overrides"}
+POINT_KEYS = {"name", "configs", "overrides", "stages"}
+STAGE_KEYS = {"name", "configs", "overrides"}
 EVAL_KEYS = {"name", "argv", "output"}
 METRIC_KEYS = {"tensorboard", "dir", "json", "key", "reduce", "step", "label"}
 LOCAL_KEYS = {"threads", "gpus", "gpus_per_run", "timeout_min"}
@@ -43,14 +46,26 @@ class SweepError(ValueError):
 
 
 @dataclass(frozen=True)
+class Stage:
+    """An earlier training stage of a point: a fit of its own (its configs and overrides only, not the sweep's),
+    run before the point's fit in ``<run_dir>/<name>``, where the point's overrides can find its checkpoint."""
+
+    name: str
+    configs: tuple[str, ...]
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
 class Point:
-    """One setting of the swept knobs: extra config files and CLI overrides (``key: value``)."""
+    """One setting of the swept knobs: extra config files and CLI overrides (``key: value``), and the stages
+    trained before its fit (none for most points)."""
 
     name: str
     configs: tuple[str, ...] = ()
     overrides: tuple[tuple[str, Any], ...] = ()
     # axis -> value label, for tables and plots (a grid point's coordinates; empty for an explicit point)
     axes: tuple[tuple[str, Any], ...] = ()
+    stages: tuple[Stage, ...] = ()
 
 
 @dataclass
@@ -64,10 +79,11 @@ class Run:
     evals: list[dict] = field(default_factory=list)  # {name, argv, output}
     env: dict[str, str] = field(default_factory=dict)
     axes: dict[str, Any] = field(default_factory=dict)
+    stages: list[dict] = field(default_factory=list)  # {name, fit_argv, run_dir}, run in order before fit_argv
 
     def to_dict(self) -> dict:
         return {"point": self.point, "seed": self.seed, "run_dir": self.run_dir, "fit_argv": self.fit_argv,
-                "evals": self.evals, "env": self.env, "axes": self.axes}
+                "evals": self.evals, "env": self.env, "axes": self.axes, "stages": self.stages}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Run":
@@ -146,6 +162,11 @@ def load_sweep(paths: str | list[str], overrides: dict[str, Any] | None = None) 
     eval_names = [str(s["name"]) for s in _plain(raw.get("evals", [])) or []]
     if len(set(eval_names)) != len(eval_names) or "fit" in eval_names:
         raise _fail(label, f"eval names must be unique and not 'fit': {eval_names}")
+    for point in points:
+        # one done-marker per step name in a run (launch.DONE), so a stage may not share an eval's name
+        steps = [stage.name for stage in point.stages] + eval_names
+        if len(set(steps)) != len(steps) or "fit" in steps:
+            raise _fail(label, f"point {point.name!r}: stage and eval names must be unique and not 'fit': {steps}")
 
     for metric, spec in (_plain(raw.get("metrics", {})) or {}).items():
         where = f"metrics.{metric}"
@@ -196,14 +217,15 @@ def _expand_points(raw: DictConfig, label: str) -> tuple[list[Point], list[str]]
                     options.append(_option(value, f"grid.{axis}[{index}]", label))
                 else:
                     _check_key(axis, f"grid.{axis}", label)
-                    options.append((_label(value), (), ((axis, value),)))
+                    options.append((_label(value), (), ((axis, value),), ()))
             choices.append(options)
             axes.append(str(axis))
         for combination in itertools.product(*choices):
-            configs = tuple(c for _, cfgs, _ in combination for c in cfgs)
-            overrides = tuple(o for _, _, ovr in combination for o in ovr)
+            configs = tuple(c for _, cfgs, _, _ in combination for c in cfgs)
+            overrides = tuple(o for _, _, ovr, _ in combination for o in ovr)
+            stages = tuple(s for _, _, _, stg in combination for s in stg)
             coordinates = tuple((axis, option[0]) for axis, option in zip(axes, combination))
-            points.append(Point(point_name(coordinates), configs, overrides, coordinates))
+            points.append(Point(point_name(coordinates), configs, overrides, coordinates, stages))
     explicit = _plain(raw.get("points"))
     if explicit is not None:
         if not isinstance(explicit, list):
@@ -211,15 +233,27 @@ def _expand_points(raw: DictConfig, label: str) -> tuple[list[Point], list[str]]
         for index, value in enumerate(explicit):
             if not isinstance(value, dict):
                 raise _fail(label, f"points[{index}] must be a mapping with configs and/or overrides")
-            name, configs, overrides = _option(value, f"points[{index}]", label)
-            points.append(Point(name if "name" in value else point_name(overrides), configs, overrides))
+            name, configs, overrides, stages = _option(value, f"points[{index}]", label)
+            points.append(Point(name if "name" in value else point_name(overrides), configs, overrides, (), stages))
     return points, axes
 
 
-def _option(value: dict, where: str, label: str) -> tuple[str, tuple[str, ...], tuple[tuple[str, Any], ...]]:
+def _option(value: dict, where: str, label: str
+            ) -> tuple[str, tuple[str, ...], tuple[tuple[str, Any], ...], tuple[Stage, ...]]:
     bad = sorted(set(value) - POINT_KEYS)
     if bad:
         raise _fail(label, f"{where}: unknown key(s) {bad}; a point or option has {sorted(POINT_KEYS)}")
+    configs, items = _configs_and_overrides(value, where, label)
+    stages = _stages(value.get("stages"), where, label)
+    if not configs and not items and not stages and "name" not in value:
+        raise _fail(label, f"{where} sets nothing: give it configs and/or overrides (or a name: the base as it is)")
+    name = str(value["name"]) if "name" in value else point_name(items or tuple(("config", Path(c).stem) for c in configs))
+    if "name" in value and not re.fullmatch(r"[A-Za-z0-9_.=+,-]+", name):
+        raise _fail(label, f"{where}: name {name!r} must be letters, digits and _ . = + , -")
+    return name, configs, items, stages
+
+
+def _configs_and_overrides(value: dict, where: str, label: str) -> tuple[tuple[str, ...], tuple[tuple[str, Any], ...]]:
     configs = value.get("configs", []) or []
     if isinstance(configs, str):
         configs = [configs]
@@ -228,13 +262,30 @@ def _option(value: dict, where: str, label: str) -> tuple[str, tuple[str, ...], 
         raise _fail(label, f"{where}.overrides must be a mapping of dotted key -> value")
     for key in overrides:
         _check_key(key, f"{where}.overrides", label)
-    if not configs and not overrides and "name" not in value:
-        raise _fail(label, f"{where} sets nothing: give it configs and/or overrides (or a name: the base as it is)")
-    items = tuple((str(k), v) for k, v in overrides.items())
-    name = str(value["name"]) if "name" in value else point_name(items or tuple(("config", Path(c).stem) for c in configs))
-    if "name" in value and not re.fullmatch(r"[A-Za-z0-9_.=+,-]+", name):
-        raise _fail(label, f"{where}: name {name!r} must be letters, digits and _ . = + , -")
-    return name, tuple(str(c) for c in configs), items
+    return tuple(str(c) for c in configs), tuple((str(k), v) for k, v in overrides.items())
+
+
+def _stages(value: Any, where: str, label: str) -> tuple[Stage, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _fail(label, f"{where}.stages must be a list of {{name, configs, overrides}}")
+    stages = []
+    for index, stage in enumerate(value):
+        at = f"{where}.stages[{index}]"
+        if not isinstance(stage, dict):
+            raise _fail(label, f"{at} must be a mapping with name, configs and overrides")
+        bad = sorted(set(stage) - STAGE_KEYS)
+        if bad:
+            raise _fail(label, f"{at}: unknown key(s) {bad}; a stage has {sorted(STAGE_KEYS)}")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(stage.get("name", ""))):
+            raise _fail(label, f"{at} needs a name of letters, digits, '_', '.' or '-' (its folder in the run)")
+        configs, overrides = _configs_and_overrides(stage, at, label)
+        if not configs:
+            # a stage is a fit of its own: the sweep's base configs are the point's fit's, not the stage's
+            raise _fail(label, f"{at} ({stage['name']}) needs its own configs (recipe files)")
+        stages.append(Stage(str(stage["name"]), configs, overrides))
+    return tuple(stages)
 
 
 def _check_key(key: Any, where: str, label: str) -> None:
@@ -316,19 +367,28 @@ def expand_runs(sweep: Sweep, sweep_dir: str | Path, extra_fit_args: list[str] |
         for point in sweep.points:
             run_dir = run_dir_of(runs_root, point.name, seed)
             resolved = resolve_for_run(sweep, run_dir=str(run_dir), seed=seed, point=point, sweep_dir=str(sweep_dir))
-            argv = ["fit"]
-            for config in [*resolved["configs"], *resolved["point_configs"]]:
-                argv += ["--config", str(config)]
-            merged = {**resolved["overrides"], **resolved["point_overrides"]}
-            for key, value in merged.items():
-                argv += [f"--{key}", _value_arg(value)]
-            argv += ["--seed_everything", str(seed), "--trainer.default_root_dir", str(run_dir)]
-            argv += list(extra_fit_args or [])
+            argv = _fit_argv([*resolved["configs"], *resolved["point_configs"]],
+                             {**resolved["overrides"], **resolved["point_overrides"]}, seed, run_dir, extra_fit_args)
+            stages = [{"name": stage["name"], "run_dir": str(run_dir / stage["name"]),
+                       "fit_argv": _fit_argv(stage["configs"], stage["overrides"], seed, run_dir / stage["name"],
+                                             extra_fit_args)}
+                      for stage in resolved["point_stages"]]
             evals = [{"name": str(e["name"]), "argv": [str(a) for a in e["argv"]],
                       **({"output": str(e["output"])} if e.get("output") else {})} for e in resolved["evals"]]
             env = {str(k): str(v) for k, v in resolved["env"].items()}
-            runs.append(Run(point.name, seed, str(run_dir), argv, evals, env, dict(point.axes)))
+            runs.append(Run(point.name, seed, str(run_dir), argv, evals, env, dict(point.axes), stages))
     return runs
+
+
+def _fit_argv(configs: list, overrides: dict, seed: int, root: Path, extra_fit_args: list[str] | None) -> list[str]:
+    """A fit's argv: configs, then overrides, then the seed and the run directory, which always win."""
+    argv = ["fit"]
+    for config in configs:
+        argv += ["--config", str(config)]
+    for key, value in overrides.items():
+        argv += [f"--{key}", _value_arg(value)]
+    argv += ["--seed_everything", str(seed), "--trainer.default_root_dir", str(root)]
+    return argv + list(extra_fit_args or [])
 
 
 def resolve_for_run(sweep: Sweep, run_dir: str, seed: int, point: Point, sweep_dir: str) -> dict:
@@ -341,6 +401,8 @@ def resolve_for_run(sweep: Sweep, run_dir: str, seed: int, point: Point, sweep_d
         "env": _plain(raw.get("env", {})) or {}, "evals": _plain(raw.get("evals", [])) or [],
         "point_configs": list(point.configs),
         "point_overrides": {k: v for k, v in point.overrides},
+        "point_stages": [{"name": s.name, "configs": list(s.configs), "overrides": {k: v for k, v in s.overrides}}
+                         for s in point.stages],
     })
     try:
         resolved = OmegaConf.to_container(tree, resolve=True)
@@ -353,9 +415,9 @@ def resolve_for_run(sweep: Sweep, run_dir: str, seed: int, point: Point, sweep_d
 
 
 def check_files(runs: list[Run], sweep: Sweep) -> None:
-    """Every ``--config`` file of every run exists (named in the error)."""
+    """Every ``--config`` file of every run's fit and stages exists (named in the error)."""
     for run in runs:
-        argv = run.fit_argv
-        for flag, value in zip(argv, argv[1:]):
-            if flag == "--config" and not Path(value).is_file():
-                raise _fail(sweep.path, f"point {run.point!r}: config file not found: {value}")
+        for where, argv in [("", run.fit_argv), *((f", stage {s['name']!r}", s["fit_argv"]) for s in run.stages)]:
+            for flag, value in zip(argv, argv[1:]):
+                if flag == "--config" and not Path(value).is_file():
+                    raise _fail(sweep.path, f"point {run.point!r}{where}: config file not found: {value}")

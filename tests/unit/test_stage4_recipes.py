@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
 STAGE4 = RECIPES / "stage4_unified"
 SHAPES4 = RECIPES / "shapes" / "stage4_unified.yaml"
+SHAPES4_JOINT = RECIPES / "shapes" / "stage4_joint_from_scratch.yaml"
 CPU = ("--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
        "--trainer.precision", "32-true")
 # Stage 2 / 3 arguments that only their own optimisation or validation read; stage 4 has its own.
@@ -235,11 +236,12 @@ def _prefixed(state: dict, prefix: str) -> dict:
 @pytest.mark.parametrize("joint", [False, True], ids=["from_stage2_and_3", "joint_from_scratch"])
 def test_shapes_recipe_trains_both_kinds_validates_and_saves(joint, shapes_env, tmp_path):
     runs, _, tiny = shapes_env
-    joint_args = ("--model.init_args.init_stack_from", "null", "--model.init_args.init_decoder_from", "null")
-    cli = parse(SHAPES4, tiny, overrides=(*(joint_args if joint else ()), "--trainer.max_steps", "4",
-                                          "--trainer.val_check_interval", "4"))
+    configs = (SHAPES4, SHAPES4_JOINT, tiny) if joint else (SHAPES4, tiny)
+    cli = parse(*configs, overrides=("--trainer.max_steps", "4", "--trainer.val_check_interval", "4"))
     module = cli.model
-    assert Path(cli.trainer.default_root_dir) == runs / "stage4_unified"
+    run_dir = runs / ("stage4_joint_from_scratch" if joint else "stage4_unified")
+    assert Path(cli.trainer.default_root_dir) == run_dir
+    assert (module.hparams.init_stack_from is None, module.hparams.init_decoder_from is None) == (joint, joint)
     assert module.autoregressive.hparams.base_path == str(runs / "stage0_base" / "hf")
     module.configure_model()
     stage2 = torch.load(runs / "stage2_stacked_ar" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
@@ -261,7 +263,7 @@ def test_shapes_recipe_trains_both_kinds_validates_and_saves(joint, shapes_env, 
     after = module.state_dict()
     assert {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])} == {"autoregressive",
                                                                                           "diffusion"}
-    loaded = load_stage4(runs / "stage4_unified" / "checkpoints" / "last.ckpt")
+    loaded = load_stage4(run_dir / "checkpoints" / "last.ckpt")
     assert loaded.stage3.vq is loaded.stage2.vq
 
 
@@ -323,3 +325,70 @@ def test_generate_and_edit_draw_with_a_stage4_checkpoints_stack_and_decoder(shap
     source.write_bytes(_png(np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)))
     assert edit(str(ckpt), str(source), "make it red", str(tmp_path / "edits"), sampler=sampler, decoder=decoder) == 0
     assert Image.open(tmp_path / "edits" / "edit_0.png").size == (IMAGE_SIZE, IMAGE_SIZE)
+
+
+# ---- Table 11: the joint vs staged sweep, end to end on the tiny inputs ----------------------------------------
+
+
+@pytest.mark.slow
+def test_table_11_sweep_trains_the_staged_curriculum_and_the_joint_fit(shapes_env, tmp_path, monkeypatch):
+    """recipes/sweeps/shapes_11_joint_vs_staged.yaml's own commands, shrunk to the tiny models and 2 steps a fit:
+    the staged point trains stage 2 and stage 3 in its run directory and starts stage 4 from them; the joint
+    point is one stage 4 fit from the base's layers and a fresh DiT. Evals need the world's eval sets: left out."""
+    from lit_star.sweeps.collect import collect
+    from lit_star.sweeps.launch import RunJob
+    from lit_star.sweeps.prepare import prepare
+    from lit_star.sweeps.spec import load_sweep
+
+    _, _, tiny = shapes_env
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("SHAPES_EVAL_WORLD", raising=False)
+    vq = yaml.safe_load(tiny.read_text())["model"]["init_args"]["stacked_ar"]["init_args"]["vq_path"]
+    small_data = {"init_args": {"resolution": IMAGE_SIZE, "batch_size": 2, "val_batch_size": 2, "num_workers": 0,
+                                "shuffle_buffer": 0}}
+    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1}
+    tiny_stage = {
+        "stage2": {"model": {"init_args": {"vq_path": vq, "compile_layers": False, **TINY_STACK}},
+                   "data": small_data, "trainer": quiet},
+        "stage3": {"model": {"init_args": {"vq_path": vq, **TINY_DECODER}}, "data": small_data, "trainer": quiet},
+    }
+    for name, overlay in tiny_stage.items():
+        (tmp_path / f"tiny_{name}.yaml").write_text(yaml.safe_dump(overlay))
+    two_steps = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--checkpoint.every_n_train_steps", "2"]
+
+    def shrunk(argv: list[str], overlay: Path) -> list[str]:
+        """The tiny overlay after the recipe files (the sweep's overrides still win), 2 steps last."""
+        last_config = max(i for i, arg in enumerate(argv) if arg == "--config") + 2
+        return [*argv[:last_config], "--config", str(overlay), *argv[last_config:], *two_steps]
+
+    sweep = load_sweep(str(RECIPES / "sweeps" / "shapes_11_joint_vs_staged.yaml"))
+    planned = [run for run in prepare(sweep, tmp_path / "sweep", check=False, log=lambda _: None) if run.seed == 0]
+    assert [run.point for run in planned] == ["staged", "joint"]
+    for run in planned:
+        run.fit_argv = shrunk(run.fit_argv, tiny)
+        for stage in run.stages:
+            stage["fit_argv"] = shrunk(stage["fit_argv"], tmp_path / f"tiny_{stage['name']}.yaml")
+        run.evals = []
+        status = RunJob(run, threads=1)()
+        assert status["state"] == "done", status.get("error")
+
+    staged, joint = (Path(run.run_dir) for run in planned)
+    assert list(read_steps(staged)) == ["stage2", "stage3", "fit"] and list(read_steps(joint)) == ["fit"]
+    for stage in ("stage2", "stage3"):
+        assert (staged / stage / "checkpoints" / "last.ckpt").is_file()
+    # stage 4 of the staged point starts from its own stages' weights, not the SHAPES_RUNS ones
+    stage4 = torch.load(staged / "checkpoints" / "last.ckpt", weights_only=False)
+    assert stage4["hyper_parameters"]["init_stack_from"] == str(staged / "stage2" / "checkpoints" / "last.ckpt")
+    assert stage4["hyper_parameters"]["init_decoder_from"] == str(staged / "stage3" / "checkpoints" / "last.ckpt")
+    joint_ckpt = torch.load(joint / "checkpoints" / "last.ckpt", weights_only=False)
+    assert joint_ckpt["hyper_parameters"]["init_stack_from"] is None and joint_ckpt["global_step"] == 2
+
+    results = collect(tmp_path / "sweep", hparams_view=False)
+    rows = {(row["point"], row["seed"]): row for row in results.runs}
+    for point in ("staged", "joint"):
+        for metric in ("val_ce_t2i", "val_flow_t2i", "val_ce_edit", "val_flow_edit"):
+            assert np.isfinite(rows[(point, 0)][metric]), (point, metric)
+
+
+def read_steps(run_dir: Path) -> dict:
+    return json.loads((run_dir / "sweep" / "status.json").read_text())["steps"]
