@@ -28,8 +28,9 @@ RECIPES = [str(REPO / "recipes/shapes/curriculum.yaml"), str(REPO / "recipes/sha
 def test_curriculum_config_resolves_and_names_missing_keys(tmp_path):
     config = load_curriculum(RECIPES, run_dir=str(tmp_path))
     assert list(config.steps) == ["world", "stage0_base", "stage1_vq", "tokenize", "understanding_before",
-                                  "stage2_stacked_ar", "shapes_eval_seen", "shapes_eval_held_out",
-                                  "understanding_after", "vq_eval", "binding"]
+                                  "stage2_stacked_ar", "stage3_diffusion_decoder", "shapes_eval_seen",
+                                  "shapes_eval_held_out", "understanding_after", "vq_eval", "binding", "stage4_unified",
+                                  "shapes_eval_stage4", "edit_eval_stage4", "understanding_after_stage4"]
     assert config.env.SHAPES_WORLD == f"{tmp_path}/world"
     broken = tmp_path / "broken.yaml"
     broken.write_text("run_dir: x\nsteps:\n  world:\n    argv: [data, shapes]\n")
