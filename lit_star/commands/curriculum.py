@@ -119,6 +119,10 @@ def step_arguments(config: DictConfig, name: str) -> list[str]:
 DEFAULT_MIN_FREE_GB = 2.0
 
 
+# Where a fit recipe asks to compile the stack's layers (needs a C++ compiler).
+COMPILE_KEYS = ("model.init_args.compile_layers", "model.init_args.stacked_ar.init_args.compile_layers")
+
+
 def _fit_option(argv: list[str], key: str):
     """The value ``key`` (dotted, e.g. ``model.init_args.compile_layers``) takes in a ``fit`` step's
     arguments: its ``--config`` files merged in order, then ``--key value`` / ``--key=value`` overrides, as
@@ -180,7 +184,8 @@ def preflight(config: DictConfig, steps: list[str], disk_usage=shutil.disk_usage
             continue  # a job step's config is the mapping load_curriculum already parsed
         argv = [str(a) for a in [*step.argv, *step.get("extra_args", [])]]
         try:
-            compiled = _fit_option(argv, "model.init_args.compile_layers")
+            # stage 2's own flag, or stage 4's stack (a StackedARModule nested in UnifiedTuneModule)
+            compiled = next((key for key in COMPILE_KEYS if _fit_option(argv, key)), None)
             accelerator = _fit_option(argv, "trainer.accelerator")
         except ValueError as error:
             problems.append(f"step {name!r}: {error}")
@@ -192,7 +197,7 @@ def preflight(config: DictConfig, steps: list[str], disk_usage=shutil.disk_usage
             if require_compile_toolchain is None:
                 from lit_star.distributed.plans import require_compile_toolchain
             try:
-                require_compile_toolchain(f"step {name!r}: model.init_args.compile_layers")
+                require_compile_toolchain(f"step {name!r}: {compiled}")
             except RuntimeError as error:
                 problems.append(str(error))
     if problems:

@@ -291,7 +291,7 @@ def test_report_opens_with_the_claims_table_and_reports_the_vq_and_stage2_loss(t
     text = write_report(OmegaConf.create({"run_dir": str(tmp_path), "report": report}), {}).read_text()
     claims = text.index("## What STAR claims, what this run measured")
     assert claims < text.index("## Wall time per step")
-    assert "every answer identical: **True** (2 answers; VQA 0.900 → 0.900)" in text
+    assert "every answer identical after stage 2: **True** (2 answers; VQA 0.900 → 0.900)" in text
     assert "seen pairs overall 0.500 ± 0.050; single object 0.900" in text
     assert "held-out pairs overall 0.200 ± 0.050" in text
     assert "seen-pair riddles 0.600 with reasoning, 0.150 without (4.0x)" in text
@@ -330,14 +330,15 @@ def test_preflight_finds_the_compiling_step_of_the_main_curriculum(tmp_path):
     asked = []
     preflight(load_curriculum([RECIPES[0]], run_dir=str(tmp_path)), list(load_curriculum([RECIPES[0]]).steps),
               require_compile_toolchain=asked.append)
-    assert asked == ["step 'stage2_stacked_ar': model.init_args.compile_layers"]
+    assert asked == ["step 'stage2_stacked_ar': model.init_args.compile_layers",
+                     "step 'stage4_unified': model.init_args.stacked_ar.init_args.compile_layers"]
 
 
 def test_the_gpu_variant_swaps_the_trainer_of_every_fit_step_and_preflight_asks_for_a_gpu(tmp_path):
     gpu = load_curriculum([RECIPES[0], str(REPO / "recipes/shapes/curriculum_gpu.yaml")], run_dir=str(tmp_path))
     cpu = load_curriculum([RECIPES[0]], run_dir=str(tmp_path))
     fit_steps = [name for name, step in cpu.steps.items() if "argv" in step]
-    assert fit_steps == ["stage0_base", "stage1_vq", "stage2_stacked_ar"]
+    assert fit_steps == ["stage0_base", "stage1_vq", "stage2_stacked_ar", "stage3_diffusion_decoder", "stage4_unified"]
     for name in fit_steps:
         assert list(gpu.steps[name].argv) == [a.replace("cpu.yaml", "gpu.yaml") for a in cpu.steps[name].argv]
     assert gpu.steps.world.config.world.t2i_train == 4 * 6000 and gpu.steps.world.config.out == f"{tmp_path}/world"
