@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from lit_star.sampling.decoding import DecodeOptions
 from lit_star.sampling.filtering import SamplerConfig
-from lit_star.sampling.generations import assign_ids_and_seeds, write_generations
+from lit_star.sampling.generations import assign_ids_and_seeds, rendered_dir, write_generations
 from lit_star.sampling.modes import (
     REFERENCE_REASONING_SUFFIX,
     Star,
@@ -116,7 +116,7 @@ def _generate_and_score(star, records, out, sampler, options, batch_size, seed, 
     records = assign_ids_and_seeds(records, seed)
     rows = write_generations(star, records, out, sampler, options, batch_size, reasoning_suffix=reasoning_suffix,
                              also_render=also_render)
-    others = {name: score_geneval(records, Path(out).with_name(f"{Path(out).name}_{name}")) for name in also_render or {}}
+    others = {name: score_geneval(records, rendered_dir(out, name)) for name in also_render or {}}
     return rows, score_geneval(records, out), others
 
 
@@ -229,7 +229,8 @@ def evaluate_on_shapes(
         log(f"{title}:\n" + format_table(results[key]))
         for name, scores in others.items():
             results[f"{key}_{name}"] = scores
-            grids.extend(write_category_grids(records, out / f"{folder}_{name}", out / "grids", f"{folder}_{name}"))
+            rendered = rendered_dir(out / folder, name)
+            grids.extend(write_category_grids(records, rendered, out / "grids", rendered.name))
             log(f"{title}, decoded by the {name} decoder:\n" + format_table(scores))
 
     for key in chosen:

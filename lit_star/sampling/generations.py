@@ -63,6 +63,12 @@ def batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
+def rendered_dir(out: str | Path, name: str) -> Path:
+    """Where ``write_generations(also_render={name: ...})`` puts the second rendering of ``out``'s codes."""
+    out = Path(out)
+    return out.with_name(f"{out.name}_{name}")
+
+
 def save_images(images: Sequence[Image.Image], names: Sequence[str], out: Path) -> list[str]:
     files = []
     for image, name in zip(images, names):
@@ -102,7 +108,7 @@ def write_generations(
     out.mkdir(parents=True, exist_ok=True)
     also_render = dict(also_render or {})
     for name in also_render:
-        out.with_name(f"{out.name}_{name}").mkdir(parents=True, exist_ok=True)
+        rendered_dir(out, name).mkdir(parents=True, exist_ok=True)
     reasoning = reasoning_suffix is not None
     settings = {**sampler.as_dict(), **(extra_settings or {}), "image_size": star.image_size, "reasoning": reasoning}
     if reasoning:
@@ -124,7 +130,7 @@ def write_generations(
             images = codes_to_images(star.vq, codes) if render is None else render(codes, prompts, seeds)
             files = save_images(images, [r["id"] for r in batch], out)
             for name, other in also_render.items():
-                save_images(other(codes, prompts, seeds), [r["id"] for r in batch], out.with_name(f"{out.name}_{name}"))
+                save_images(other(codes, prompts, seeds), [r["id"] for r in batch], rendered_dir(out, name))
             for record, file, more in zip(batch, files, extra):
                 rows.append({**record, **more, "image": file, "settings": settings})
                 log.write(json.dumps(rows[-1]) + "\n")
